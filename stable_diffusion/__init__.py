@@ -1,0 +1,1 @@
+"""Stable Diffusion + ControlNet (Canny) image generation: everything but the HTTP layer."""

@@ -1,0 +1,50 @@
+"""Failures the service reports to its callers, each carrying the HTTP status it maps to."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: `message` is safe to show a caller and says what to do about it."""
+
+    status = 500
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidField(ServiceError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class UnsupportedImage(ServiceError):
+    status = 415
+
+
+class QueueFull(ServiceError):
+    status = 503
+
+
+class GenerationOutOfMemory(ServiceError):
+    status = 503
+
+
+class GenerationFailed(ServiceError):
+    status = 500
+
+
+class GenerationTimeout(ServiceError):
+    status = 504
+
+
+class StorageFull(ServiceError):
+    status = 507

@@ -1,0 +1,55 @@
+"""From a validated request to the pipeline's input, and from the pipeline's output to the file returned."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from stable_diffusion.gif_creator import encode_gif
+from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
+from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult, a1111_parameters
+from stable_diffusion.request_fields import MAX_SEED
+
+
+@dataclass(frozen=True)
+class RenderedOutput:
+    data: bytes
+    mimetype: str
+    extension: str
+
+
+def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> GenerationRequest:
+    """Edge maps for every frame, the seed drawn when none was given."""
+    control_images = make_control_images(
+        upload, fields.resolution, fields.low_threshold, fields.high_threshold
+    )
+    seed = fields.seed if fields.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return GenerationRequest(
+        request_id=request_id,
+        control_images=tuple(control_images),
+        prompt=fields.prompt,
+        negative_prompt=fields.negative_prompt,
+        sensitivity=fields.sensitivity,
+        seed=seed,
+        steps=fields.steps,
+        guidance_scale=fields.guidance_scale,
+        control_start=fields.control_start,
+        control_end=fields.control_end,
+        refine_strength=fields.refine_strength,
+        scheduler=fields.scheduler,
+        recipe=fields.model_dump() | {"seed": seed},
+    )
+
+
+def render_output(
+    request: GenerationRequest, result: GenerationResult, upload: DecodedImage, model_name: str
+) -> RenderedOutput:
+    """A PNG carrying its recipe, or for an animated upload a GIF with the upload's timing."""
+    if upload.is_animated:
+        return RenderedOutput(encode_gif(result.images, upload.durations_ms, upload.loop), "image/gif", "gif")
+    width, height = request.size
+    recipe = request.recipe | {"width": width, "height": height, "model": model_name}
+    png = encode_png(result.images[0], a1111_parameters(request, model_name), recipe)
+    return RenderedOutput(png, "image/png", "png")

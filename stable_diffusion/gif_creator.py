@@ -1,0 +1,24 @@
+"""Animated GIFs from generated frames: the per-frame timing and loop of the upload are kept."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import imageio.v3 as iio
+import numpy as np
+from PIL import Image
+
+
+def encode_gif(frames: Sequence[Image.Image], durations_ms: Sequence[int], loop: int | None) -> bytes:
+    """GIF bytes, one frame per image. `loop` None means play once, 0 means forever.
+
+    Identical consecutive frames are merged by the encoder with their durations added, which plays
+    the same.
+    """
+    buffer = io.BytesIO()
+    options = {"duration": list(durations_ms)}
+    if loop is not None:
+        options["loop"] = loop
+    iio.imwrite(buffer, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]), extension=".gif", **options)
+    return buffer.getvalue()

@@ -1,0 +1,155 @@
+"""Builds the ControlNet pipeline and its refiner once: from the hub, a local folder, or the tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stable_diffusion.settings import Settings, SettingsError
+
+TINY_MODEL = "tiny"
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+TINY_SEED = 0
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """The weights could not be found or loaded; the message says what was tried and what to set."""
+
+
+@dataclass
+class Pipelines:
+    """The loaded text-to-image pipeline, its img2img refiner sharing the same weights, and where they run."""
+
+    generate: StableDiffusionControlNetPipeline
+    refine: StableDiffusionControlNetImg2ImgPipeline
+    device: torch.device
+    dtype: torch.dtype
+    model_name: str
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` picks a CUDA or ROCm GPU (torch reports both as `cuda`), then Apple's MPS, then the CPU."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if setting == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
+        raise SettingsError(
+            f"DEVICE={setting} but torch sees no such device; install the matching torch build "
+            "(see README) or set DEVICE=auto."
+        )
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`auto` is float16 on a GPU and float32 on the CPU, where float16 is slow or unsupported."""
+    if setting == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if setting == "float16" and device.type == "cpu":
+        raise SettingsError("DTYPE=float16 is not supported on the CPU; use float32, bfloat16 or auto.")
+    return getattr(torch, setting)
+
+
+def load_pipelines(settings: Settings) -> Pipelines:
+    """Load the configured weights onto the configured device, ready to generate."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.sd_model == TINY_MODEL:
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+        model_name = TINY_MODEL
+    else:
+        pipe = _load_pretrained(settings.sd_model, settings.controlnet_model, dtype)
+        model_name = f"{settings.sd_model} + {settings.controlnet_model}"
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipe)
+    refine.set_progress_bar_config(disable=True)
+    log.info("loaded %s on %s as %s", model_name, device, dtype)
+    return Pipelines(pipe, refine, device, dtype, model_name)
+
+
+def _load_pretrained(
+    sd_model: str, controlnet_model: str, dtype: torch.dtype
+) -> StableDiffusionControlNetPipeline:
+    controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, torch_dtype=dtype)
+    pipe = _from_pretrained(
+        StableDiffusionControlNetPipeline,
+        "SD_MODEL",
+        sd_model,
+        controlnet=controlnet,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _from_pretrained(loader, setting: str, name: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = Path(name).expanduser()
+        local = (
+            f"{where} exists but is not a diffusers-format folder"
+            if where.exists()
+            else f"there is no local folder {where}"
+        )
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"Could not load {setting}={name!r}: {local}, and the Hugging Face Hub could not provide it "
+            f"({reason}). Set {setting} to a local diffusers folder or a hub id that can be downloaded "
+            f"(set HF_TOKEN for gated models), or set SD_MODEL={TINY_MODEL} to try the service offline."
+        ) from exc
+
+
+def build_tiny_pipeline() -> StableDiffusionControlNetPipeline:
+    """A random-weight pipeline with the real architecture at toy width, from the configs in tiny_model/.
+
+    Deterministic: every component is seeded before it is built, so two builds give the same weights.
+    """
+
+    def seeded(build):
+        torch.manual_seed(TINY_SEED)
+        return build()
+
+    config = {name: json.loads((TINY_MODEL_DIR / f"{name}.json").read_text()) for name in
+              ("unet", "controlnet", "vae", "text_encoder", "scheduler")}
+    tokenizer_dir = TINY_MODEL_DIR / "tokenizer"
+    return StableDiffusionControlNetPipeline(
+        vae=seeded(lambda: AutoencoderKL(**config["vae"])),
+        text_encoder=seeded(lambda: CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))),
+        tokenizer=CLIPTokenizer(
+            str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
+        ),
+        unet=seeded(lambda: UNet2DConditionModel(**config["unet"])),
+        controlnet=seeded(lambda: ControlNetModel(**config["controlnet"])),
+        scheduler=UniPCMultistepScheduler(**config["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_model(folder: Path) -> tuple[Path, Path]:
+    """Write the tiny model as diffusers folders; returns the paths for SD_MODEL and CONTROLNET_MODEL."""
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(folder / "sd")
+    pipe.controlnet.save_pretrained(folder / "controlnet")
+    return folder / "sd", folder / "controlnet"

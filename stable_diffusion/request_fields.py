@@ -1,0 +1,109 @@
+"""The text fields of a generation request, declared once with their limits and defaults."""
+
+# No `from __future__ import annotations`: the field types below close over the settings' limits.
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from stable_diffusion.errors import InvalidField
+from stable_diffusion.pipeline_service import SCHEDULERS
+from stable_diffusion.settings import Settings
+
+MAX_SEED = 2**32 - 1
+MIN_RESOLUTION = 256
+
+
+def generate_fields_model(settings: Settings) -> type[BaseModel]:
+    """The pydantic model of /generate's text fields, with the limits `settings` sets."""
+    prompt_text = StringConstraints(strip_whitespace=True, max_length=settings.max_prompt_chars)
+    min_resolution = min(MIN_RESOLUTION, settings.default_resolution)
+
+    class GenerateFields(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        prompt: Annotated[str, prompt_text, StringConstraints(min_length=1)] = Field(
+            description=f"what to paint, 1 to {settings.max_prompt_chars} characters"
+        )
+        negative_prompt: Annotated[str, prompt_text] = Field(
+            "", description=f"what to avoid, up to {settings.max_prompt_chars} characters"
+        )
+        sensitivity: float = Field(
+            1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+            description="how strictly the edges are followed (ControlNet conditioning scale), 0 to 2",
+        )
+        seed: int | None = Field(
+            None, ge=0, le=MAX_SEED, description=f"an integer from 0 to {MAX_SEED}; random when absent"
+        )
+        steps: int = Field(
+            settings.default_steps, ge=1, le=settings.max_steps,
+            description=f"denoising steps, 1 to {settings.max_steps}",
+        )
+        guidance_scale: float = Field(
+            7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="how closely the prompt is followed, 0 to 30"
+        )
+        resolution: int = Field(
+            settings.default_resolution, ge=min_resolution, le=settings.max_resolution, multiple_of=8,
+            description=(
+                f"the output's longer side in pixels, a multiple of 8 from {min_resolution} "
+                f"to {settings.max_resolution}; the aspect ratio is kept"
+            ),
+        )
+        low_threshold: int = Field(100, ge=0, le=255, description="Canny's lower threshold, 0 to 255")
+        high_threshold: int = Field(200, ge=0, le=255, description="Canny's upper threshold, 0 to 255")
+        control_start: float = Field(
+            0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+            description="fraction of the steps at which ControlNet starts guiding, 0 to 1",
+        )
+        control_end: float = Field(
+            1.0, ge=0.0, le=1.0, allow_inf_nan=False,
+            description="fraction of the steps at which ControlNet stops guiding, 0 to 1",
+        )
+        refine_strength: float = Field(
+            settings.refine_strength, ge=0.0, le=1.0, allow_inf_nan=False,
+            description="strength of the img2img refinement pass, 0 to 1; 0 turns it off",
+        )
+        scheduler: Literal[tuple(SCHEDULERS)] = Field(
+            "unipc", description=f"the sampler, one of {', '.join(SCHEDULERS)}"
+        )
+
+        @model_validator(mode="after")
+        def _ordered_pairs(self):
+            if self.low_threshold >= self.high_threshold:
+                raise ValueError(
+                    f"low_threshold ({self.low_threshold}) must be below high_threshold ({self.high_threshold})"
+                )
+            if self.control_start >= self.control_end:
+                raise ValueError(
+                    f"control_start ({self.control_start}) must be below control_end ({self.control_end})"
+                )
+            return self
+
+    return GenerateFields
+
+
+def parse_fields(model: type[BaseModel], values: dict[str, str]) -> BaseModel:
+    """Validate text fields, turning pydantic's errors into one message that names each field and its fix."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidField(_describe(model, exc)) from None
+
+
+def _describe(model: type[BaseModel], exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        if not error["loc"]:
+            problems.append(error["msg"].removeprefix("Value error, "))
+            continue
+        name = str(error["loc"][0])
+        field = model.model_fields.get(name)
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{name} is not a field of this endpoint; the fields are {', '.join(model.model_fields)}")
+        elif error["type"] == "missing":
+            problems.append(f"{name} is required: {field.description}")
+        else:
+            shown = repr(error["input"])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            problems.append(f"{name}: {error['msg']} (got {shown}); send {field.description}")
+    return "; ".join(problems)

@@ -1,0 +1,120 @@
+"""The service's configuration: one validated object, read once from `.env` and the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_CANNY_CONTROLNET_ID = "lllyasviel/sd-controlnet-canny"
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names it and says how to fix it."""
+
+
+class Settings(BaseModel):
+    """Every setting of the service. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    api_keys: tuple[str, ...] = Field(alias="API_KEY", repr=False, min_length=1)
+    server_ip: str = Field("0.0.0.0", alias="SERVER_IP")
+    server_port: int = Field(5000, alias="SERVER_PORT", ge=0, le=65535)
+    tls: bool = Field(True, alias="TLS")
+    ssl_cert_file: Path = Field(REPO_ROOT / "ssl_cert" / "cert.pem", alias="SSL_CERT_FILE")
+    ssl_key_file: Path = Field(REPO_ROOT / "ssl_cert" / "key.pem", alias="SSL_KEY_FILE")
+    http_threads: int = Field(8, alias="HTTP_THREADS", ge=1, le=256)
+
+    sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
+    controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", alias="DEVICE")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", alias="DTYPE")
+
+    default_resolution: int = Field(512, alias="DEFAULT_RESOLUTION", ge=64, le=4096, multiple_of=8)
+    max_resolution: int = Field(1024, alias="MAX_RESOLUTION", ge=64, le=4096, multiple_of=8)
+    default_steps: int = Field(20, alias="DEFAULT_STEPS", ge=1, le=500)
+    max_steps: int = Field(100, alias="MAX_STEPS", ge=1, le=500)
+    refine_strength: float = Field(0.3, alias="REFINE_STRENGTH", ge=0.0, le=1.0)
+
+    max_upload_mb: float = Field(20.0, alias="MAX_UPLOAD_MB", gt=0, le=1024)
+    max_image_pixels: int = Field(40_000_000, alias="MAX_IMAGE_PIXELS", ge=1)
+    max_gif_frames: int = Field(48, alias="MAX_GIF_FRAMES", ge=1, le=10_000)
+    max_prompt_chars: int = Field(1000, alias="MAX_PROMPT_CHARS", ge=1, le=100_000)
+
+    queue_size: int = Field(16, alias="QUEUE_SIZE", ge=1, le=10_000)
+    generation_timeout_s: float = Field(600.0, alias="GENERATION_TIMEOUT_S", gt=0)
+
+    input_dir: Path = Field(REPO_ROOT / "input_images", alias="INPUT_DIR")
+    output_dir: Path = Field(REPO_ROOT / "output_images", alias="OUTPUT_DIR")
+    log_file: Path = Field(REPO_ROOT / "api.log", alias="LOG_FILE")
+    log_max_bytes: int = Field(10_000_000, alias="LOG_MAX_BYTES", ge=1024)
+    log_backups: int = Field(5, alias="LOG_BACKUPS", ge=0, le=100)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("max_resolution")
+    @classmethod
+    def _max_covers_default(cls, value: int, info) -> int:
+        default = info.data.get("default_resolution")
+        if default is not None and value < default:
+            raise ValueError(f"must be at least DEFAULT_RESOLUTION ({default})")
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps_covers_default(cls, value: int, info) -> int:
+        default = info.data.get("default_steps")
+        if default is not None and value < default:
+            raise ValueError(f"must be at least DEFAULT_STEPS ({default})")
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @classmethod
+    def load(
+        cls,
+        env_file: Path | None = REPO_ROOT / ".env",
+        environ: Mapping[str, str] | None = None,
+        **overrides: object,
+    ) -> Settings:
+        """Read `env_file`, let `environ` (default: the process environment) win, then `overrides`."""
+        values: dict[str, object] = {}
+        if env_file is not None and env_file.is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        values.update(overrides)
+        if not values.get("API_KEY") and "api_keys" not in values:
+            raise SettingsError(
+                "API_KEY is not set: add API_KEY=<a long random string> to .env "
+                "(see .env.example) or export it in the environment."
+            )
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """Name each invalid setting without echoing secret values."""
+    aliases = {name: field.alias or name for name, field in Settings.model_fields.items()}
+    problems = []
+    for error in exc.errors():
+        name = aliases.get(str(error["loc"][0]), str(error["loc"][0])) if error["loc"] else "settings"
+        shown = "" if name == "API_KEY" else f" (got {error['input']!r})"
+        problems.append(f"invalid setting {name}{shown}: {error['msg']}")
+    return "; ".join(problems)
