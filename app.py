@@ -17,7 +17,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.errors import AppImportError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from stable_diffusion.errors import GenerationTimeout, InvalidField, ServiceError, Unauthorized
+from stable_diffusion.errors import GenerationTimeout, InvalidField, PayloadTooLarge, ServiceError, Unauthorized
 from stable_diffusion.generation import build_request, render_output
 from stable_diffusion.image_processing import FILE_EXTENSIONS, DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import ModelLoadError, load_pipelines
@@ -31,6 +31,8 @@ from stable_diffusion.worker import GenerationWorker
 PUBLIC_ENDPOINTS = {"health"}
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
+# The most of a refused body that is read and thrown away before answering 413.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -131,11 +133,14 @@ def _init_errors(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge):
+        _discard_unread_body()
         limit_mb = app.extensions["settings"].max_upload_mb
-        return jsonify(
+        response = jsonify(
             error=f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
             "and text fields to 256 KB; send a smaller image."
-        ), 413
+        )
+        response.headers["Connection"] = "close"
+        return response, 413
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -150,6 +155,15 @@ def _init_errors(app: Flask) -> None:
         return jsonify(error=f"Internal server error; the server logged it under request id {g.request_id}."), 500
 
 
+def _discard_unread_body() -> None:
+    """Read what is left of a refused body (up to a bound) so that clients which send the whole body
+    before reading the answer, like `requests`, get the 413 instead of a reset connection."""
+    stream = request.environ.get("wsgi.input")
+    remaining = min(request.content_length or 0, DRAIN_LIMIT_BYTES)
+    while stream is not None and remaining > 0 and (chunk := stream.read(min(remaining, 1 << 20))):
+        remaining -= len(chunk)
+
+
 def _init_routes(app: Flask) -> None:
     settings: Settings = app.extensions["settings"]
     worker: GenerationWorker = app.extensions["worker"]
@@ -161,7 +175,7 @@ def _init_routes(app: Flask) -> None:
 
     @app.post("/generate")
     def generate():
-        fields, data = _read_generate_form(app.extensions["generate_fields"])
+        fields, data = _read_generate_form(app.extensions["generate_fields"], settings)
         upload = decode_upload(data, limits)
         generation = build_request(g.request_id, fields, upload)
         g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
@@ -185,7 +199,7 @@ def _init_routes(app: Flask) -> None:
         return response
 
 
-def _read_generate_form(fields_model):
+def _read_generate_form(fields_model, settings: Settings):
     """The validated text fields and the raw bytes of the one `image` file of a multipart request."""
     for name in request.files:
         if name != "image":
@@ -211,7 +225,12 @@ def _read_generate_form(fields_model):
     if len(images) > 1:
         raise InvalidField(f"image was sent {len(images)} times; send one picture per request.")
     fields = parse_fields(fields_model, values)
-    return fields, images[0].read()
+    data = images[0].read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"image is larger than the {settings.max_upload_mb:g} MB limit (MAX_UPLOAD_MB); send a smaller file."
+        )
+    return fields, data
 
 
 def main() -> int:
@@ -248,6 +267,7 @@ class GunicornServer(BaseApplication):
             "graceful_timeout": 60,
             "errorlog": "-",
             "accesslog": None,
+            "control_socket_disable": True,
         }
         if settings.tls:
             options |= {"certfile": str(settings.ssl_cert_file), "keyfile": str(settings.ssl_key_file)}

@@ -109,7 +109,7 @@ def _from_pretrained(loader, setting: str, name: str, **kwargs):
         local = (
             f"{where} exists but is not a diffusers-format folder"
             if where.exists()
-            else f"there is no local folder {where}"
+            else "it is not a local folder"
         )
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -139,12 +139,26 @@ def build_tiny_pipeline() -> StableDiffusionControlNetPipeline:
             str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
         ),
         unet=seeded(lambda: UNet2DConditionModel(**config["unet"])),
-        controlnet=seeded(lambda: ControlNetModel(**config["controlnet"])),
+        controlnet=seeded(lambda: _wake_zero_convolutions(ControlNetModel(**config["controlnet"]))),
         scheduler=UniPCMultistepScheduler(**config["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _wake_zero_convolutions(controlnet: ControlNetModel) -> ControlNetModel:
+    """A new ControlNet's zero convolutions (after the edge-map encoder and on every output) would make
+    it ignore the edge map; random weights there make the tiny model follow its control image."""
+    zero_convolutions = [
+        controlnet.controlnet_cond_embedding.conv_out,
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+    ]
+    with torch.no_grad():
+        for conv in zero_convolutions:
+            torch.nn.init.normal_(conv.weight, std=0.5)
+    return controlnet
 
 
 def save_tiny_model(folder: Path) -> tuple[Path, Path]:

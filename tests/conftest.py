@@ -1,0 +1,121 @@
+"""Fixtures: settings for the tiny model, one loaded pipeline per test run, apps and a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import create_app
+from stable_diffusion.pipeline_initialization import load_pipelines
+from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.settings import REPO_ROOT, Settings
+from stable_diffusion.worker import GenerationWorker
+
+API_KEY = "test-key-0123456789abcdef"
+SECOND_KEY = "second-key-fedcba9876543210"
+# Small and quick: the tiny model at 64 px with 4 steps generates in a fraction of a second on a CPU.
+FAST = {"DEFAULT_RESOLUTION": "64", "DEFAULT_STEPS": "4"}
+
+
+def tiny_environment(folder: Path, **overrides: str) -> dict[str, str]:
+    """The environment variables of a tiny-model service whose files all live under `folder`."""
+    return {
+        "API_KEY": f"{API_KEY},{SECOND_KEY}",
+        "SD_MODEL": "tiny",
+        "DEVICE": "cpu",
+        "INPUT_DIR": str(folder / "input_images"),
+        "OUTPUT_DIR": str(folder / "output_images"),
+        "LOG_FILE": str(folder / "api.log"),
+        "SSL_CERT_FILE": str(folder / "ssl_cert" / "cert.pem"),
+        "SSL_KEY_FILE": str(folder / "ssl_cert" / "key.pem"),
+        **FAST,
+        **overrides,
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.load(env_file=None, environ=tiny_environment(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def pipeline_service(tmp_path_factory) -> PipelineService:
+    folder = tmp_path_factory.mktemp("session")
+    return PipelineService(load_pipelines(Settings.load(env_file=None, environ=tiny_environment(folder))))
+
+
+@pytest.fixture
+def worker(pipeline_service: PipelineService, settings: Settings):
+    worker = GenerationWorker(pipeline_service, settings.queue_size)
+    yield worker
+    worker.close(timeout=60)
+
+
+@pytest.fixture
+def app(settings: Settings, worker: GenerationWorker):
+    return create_app(settings, worker)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`python app.py` in its own process, as a user starts it."""
+
+    def __init__(self, folder: Path, **overrides: str) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.environment = tiny_environment(folder, SERVER_IP="127.0.0.1", SERVER_PORT=str(self.port), **overrides)
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.cert = folder / "ssl_cert" / "cert.pem"
+        self.log = (folder / "server.out").open("wb")
+        env = {key: value for key, value in os.environ.items() if key != "API_KEY"} | self.environment
+        self.process = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_until_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
+            try:
+                if requests.get(f"{self.url}/health", verify=False, timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"server did not become healthy: {self.output()}")
+
+    def output(self) -> str:
+        return (self.folder / "server.out").read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    server = LiveServer(tmp_path_factory.mktemp("live"))
+    server.wait_until_healthy()
+    yield server
+    server.stop()
