@@ -27,7 +27,7 @@ def ensure_self_signed_certificate(cert_file: Path, key_file: Path) -> bool:
     key = ec.generate_private_key(ec.SECP256R1())
     hostname = socket.gethostname()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt_names = x509.SubjectAlternativeName(
         [
             x509.DNSName("localhost"),

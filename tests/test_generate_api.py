@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import pytest
 import torch
 from PIL import Image
+from werkzeug.datastructures import MultiDict
 
 from app import create_app
 from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.settings import Settings
 from stable_diffusion.worker import GenerationWorker
-from tests.conftest import API_KEY, SECOND_KEY
+from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
 
 KEY = {"x-api-key": API_KEY}
@@ -50,7 +54,7 @@ def test_generate_returns_a_png_of_the_requested_size_and_saves_it(client, setti
     assert saved_name.endswith(".png")
     assert (settings.output_dir / saved_name).read_bytes() == response.data
     [upload] = files_in(settings.input_dir)
-    assert upload == saved_name.replace(".png", ".png")
+    assert upload == saved_name
     assert (settings.input_dir / upload).read_bytes() == png_bytes(160, 120)
 
 
@@ -185,8 +189,6 @@ def test_image_sent_as_text_is_400(client):
 
 def test_repeated_field_is_400(client):
     data = [("prompt", "one"), ("prompt", "two"), ("image", (io.BytesIO(png_bytes()), "a.png"))]
-    from werkzeug.datastructures import MultiDict
-
     response = client.post("/generate", headers=KEY, data=MultiDict(data), content_type="multipart/form-data")
     assert_error(response, 400, "prompt was sent 2 times")
 
@@ -216,9 +218,6 @@ def test_bad_image_files_are_4xx_and_leave_nothing_on_disk(client, settings, pay
 def test_decompression_bomb_is_rejected_before_decoding(client):
     # A valid PNG header claiming 100000 x 100000 pixels, with almost no data behind it.
     header = encode(Image.new("L", (1, 1)))
-    import struct
-    import zlib
-
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     bomb = header[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + header[33:]
@@ -231,9 +230,6 @@ def test_gif_over_the_frame_limit_is_400(client, settings):
 
 
 def test_upload_over_the_size_limit_is_413(tmp_path, worker):
-    from stable_diffusion.settings import Settings
-    from tests.conftest import tiny_environment
-
     small = Settings.load(env_file=None, environ=tiny_environment(tmp_path, MAX_UPLOAD_MB="0.01"))
     client = create_app(small, worker).test_client()
     assert_error(post_generate(client, png_bytes() + b"\0" * 20_000), 413, "0.01 MB", "MAX_UPLOAD_MB")

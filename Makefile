@@ -1,0 +1,28 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev serve test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -r requirements.txt
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -r requirements-dev.txt
+
+serve: install
+	$(BIN)/python app.py
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+bench: install-dev
+	$(BIN)/python bench/http_overhead.py

@@ -1,0 +1,103 @@
+"""Model loading: the tiny model through the same local-folder path real weights use, and its failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stable_diffusion.image_processing import fit_size, make_canny_edges
+from stable_diffusion.pipeline_initialization import (
+    ModelLoadError,
+    load_pipelines,
+    resolve_device,
+    resolve_dtype,
+    save_tiny_model,
+)
+from stable_diffusion.pipeline_service import GenerationRequest, PipelineService
+from stable_diffusion.settings import Settings, SettingsError
+from tests.conftest import tiny_environment
+from tests.images import drawing
+
+
+def edge_request(**overrides) -> GenerationRequest:
+    edges = make_canny_edges(drawing().resize(fit_size(160, 120, 64)), 100, 200)
+    fields = {"request_id": "t", "control_images": (edges,), "prompt": "a lighthouse", "seed": 3, "steps": 4}
+    return GenerationRequest(**(fields | overrides))
+
+
+def test_tiny_model_saved_to_folders_loads_back_and_generates_the_same_pixels(tmp_path, pipeline_service):
+    sd_folder, controlnet_folder = save_tiny_model(tmp_path / "weights")
+    assert (sd_folder / "model_index.json").is_file() and (controlnet_folder / "config.json").is_file()
+    settings = Settings.load(
+        env_file=None,
+        environ=tiny_environment(tmp_path, SD_MODEL=str(sd_folder), CONTROLNET_MODEL=str(controlnet_folder)),
+    )
+    loaded = PipelineService(load_pipelines(settings))
+    assert loaded.model_name == f"{sd_folder} + {controlnet_folder}"
+    built = pipeline_service.run(edge_request()).images[0]
+    reloaded = loaded.run(edge_request()).images[0]
+    assert reloaded.tobytes() == built.tobytes()
+
+
+def test_refiner_shares_the_weights(pipeline_service):
+    pipelines = pipeline_service.pipelines
+    assert pipelines.refine.unet is pipelines.generate.unet
+    assert pipelines.refine.controlnet is pipelines.generate.controlnet
+
+
+def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_service):
+    progress = []
+    record = lambda done, total: progress.append((done, total))  # noqa: E731
+    refined = pipeline_service.run(edge_request(refine_strength=0.5), record)
+    assert progress[-1] == (6, 6)  # 4 generation steps + 2 refinement steps
+    plain = pipeline_service.run(edge_request(refine_strength=0.0)).images[0]
+    assert refined.images[0].tobytes() != plain.tobytes()
+
+
+def test_steps_reach_the_pipeline(pipeline_service):
+    progress = []
+    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), lambda done, total: progress.append(done))
+    assert progress == list(range(1, 8))
+
+
+def test_the_edge_map_steers_the_picture(pipeline_service):
+    edges = edge_request().control_images[0]
+    blank = edges.point(lambda _: 0)
+    followed = pipeline_service.run(edge_request()).images[0]
+    unguided = pipeline_service.run(edge_request(control_images=(blank,))).images[0]
+    assert followed.tobytes() != unguided.tobytes()
+
+
+def test_missing_folder_says_what_was_tried_and_what_to_set(tmp_path):
+    settings = Settings.load(
+        env_file=None, environ=tiny_environment(tmp_path, SD_MODEL=str(tmp_path / "nothing"),
+                                                CONTROLNET_MODEL=str(tmp_path / "nothing-either"))
+    )
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipelines(settings)
+    message = str(raised.value)
+    assert "CONTROLNET_MODEL=" in message and "Hugging Face Hub" in message and "SD_MODEL=tiny" in message
+
+
+def test_folder_that_is_not_diffusers_format_is_named(tmp_path):
+    _, controlnet_folder = save_tiny_model(tmp_path / "weights")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    settings = Settings.load(
+        env_file=None, environ=tiny_environment(tmp_path, SD_MODEL=str(empty), CONTROLNET_MODEL=str(controlnet_folder))
+    )
+    with pytest.raises(ModelLoadError, match="SD_MODEL=.*exists but is not a diffusers-format folder"):
+        load_pipelines(settings)
+
+
+def test_device_and_dtype_resolution_on_a_cpu_machine():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(SettingsError, match="DEVICE=cuda"):
+        resolve_device("cuda")
+    with pytest.raises(SettingsError, match="DTYPE=float16"):
+        resolve_dtype("float16", torch.device("cpu"))

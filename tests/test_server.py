@@ -1,0 +1,128 @@
+"""A real `python app.py` process: HTTPS through gunicorn, the README's curl example, the queue bound."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import threading
+
+import requests
+from PIL import Image
+
+from stable_diffusion.settings import REPO_ROOT
+from tests.conftest import API_KEY, LiveServer
+from tests.images import drawing, encode, png_bytes
+
+
+def readme_curl_example() -> str:
+    """The curl command of the README's API section, exactly as users copy it."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("<!-- curl-example -->")[1]
+    return re.search(r"```bash\n(curl .*?)\n```", section, re.S).group(1)
+
+
+def test_readme_curl_example_works_verbatim(live_server, tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(encode(drawing(320, 240), "JPEG"))
+    command = readme_curl_example().replace("localhost:5000", f"localhost:{live_server.port}")
+    completed = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "API_KEY": API_KEY},
+        capture_output=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = Image.open(tmp_path / "result.png")
+    assert result.format == "PNG" and max(result.size) == 64
+
+
+def test_https_with_the_generated_certificate(live_server):
+    response = requests.post(
+        f"{live_server.url}/generate", headers={"x-api-key": API_KEY},
+        files={"image": ("p.png", png_bytes())}, data={"prompt": "a boat"}, verify=live_server.cert, timeout=60,
+    )
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_plain_http_is_not_served(live_server):
+    try:
+        response = requests.get(f"http://127.0.0.1:{live_server.port}/health", timeout=10)
+    except requests.ConnectionError:
+        return
+    assert response.status_code >= 400
+
+
+def test_body_over_the_limit_is_413_json_for_requests_clients(live_server):
+    response = requests.post(
+        f"{live_server.url}/generate", headers={"x-api-key": API_KEY},
+        files={"image": ("big.png", b"\0" * (21 * 2**20))}, data={"prompt": "x"},
+        verify=live_server.cert, timeout=60,
+    )
+    assert response.status_code == 413
+    assert "MAX_UPLOAD_MB" in response.json()["error"]
+    assert requests.get(f"{live_server.url}/health", verify=live_server.cert, timeout=10).ok
+
+
+def test_each_request_is_logged_to_api_log(live_server):
+    requests.get(f"{live_server.url}/health", headers={"X-Request-ID": "trace-me-123"}, verify=live_server.cert)
+    log = (live_server.folder / "api.log").read_text()
+    assert "request_id=trace-me-123 client=127.0.0.1 method=GET path=/health status=200" in log
+    assert API_KEY not in log
+
+
+def test_requests_beyond_the_queue_get_503_and_the_rest_succeed(tmp_path):
+    server = LiveServer(tmp_path, QUEUE_SIZE="1", HTTP_THREADS="16")
+    try:
+        server.wait_until_healthy()
+        slow = {"prompt": "a slow one", "resolution": "256", "steps": "25"}
+        answers, start = [], threading.Barrier(8)
+
+        def call() -> None:
+            start.wait()
+            answers.append(requests.post(
+                f"{server.url}/generate", headers={"x-api-key": API_KEY},
+                files={"image": ("p.png", png_bytes())}, data=slow, verify=server.cert, timeout=120,
+            ))
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = sorted(response.status_code for response in answers)
+        assert set(statuses) == {200, 503}, statuses
+        assert 1 <= statuses.count(200) <= 2
+        for response in answers:
+            if response.status_code == 503:
+                assert int(response.headers["Retry-After"]) >= 1
+                assert "queue is full" in response.json()["error"]
+            else:
+                Image.open(io.BytesIO(response.content)).verify()
+        after = requests.post(
+            f"{server.url}/generate", headers={"x-api-key": API_KEY},
+            files={"image": ("p.png", png_bytes())}, data={"prompt": "next"}, verify=server.cert, timeout=60,
+        )
+        assert after.status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_start_up_without_api_key_says_how_to_set_it(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    completed = subprocess.run(
+        [sys.executable, "app.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode != 0
+    assert "API_KEY is not set" in completed.stderr and ".env" in completed.stderr
+
+
+def test_start_up_with_missing_weights_says_what_was_tried(tmp_path):
+    server = LiveServer(tmp_path, SD_MODEL=str(tmp_path / "no-such-model"), CONTROLNET_MODEL=str(tmp_path / "no-cn"),
+                        HF_HUB_OFFLINE="1")
+    try:
+        assert server.process.wait(timeout=120) != 0
+    finally:
+        server.log.close()
+    output = server.output()
+    assert "Could not load CONTROLNET_MODEL=" in output and "SD_MODEL=tiny" in output
+    assert "Traceback" not in output

@@ -1,0 +1,56 @@
+"""Settings: read from .env, the environment winning, each invalid value named at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from stable_diffusion.settings import SD15_MODEL_ID, Settings, SettingsError
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEY=from-file\nSERVER_PORT=6000\nSD_MODEL=tiny\n")
+    settings = Settings.load(env_file=env_file, environ={"SERVER_PORT": "7000"})
+    assert settings.api_keys == ("from-file",)
+    assert settings.server_port == 7000
+    assert settings.sd_model == "tiny"
+
+
+def test_defaults_are_the_documented_ones():
+    settings = Settings.load(env_file=None, environ={"API_KEY": "k"})
+    assert (settings.server_ip, settings.server_port, settings.tls) == ("0.0.0.0", 5000, True)
+    assert settings.sd_model == SD15_MODEL_ID and settings.device == "auto" and settings.dtype == "auto"
+    assert settings.default_resolution == 512 and settings.max_gif_frames == 48
+
+
+def test_several_keys_are_split_on_commas():
+    assert Settings.load(env_file=None, environ={"API_KEY": " a , b,,c "}).api_keys == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("environ", [{}, {"API_KEY": ""}, {"API_KEY": " , "}])
+def test_missing_api_key_says_how_to_set_it(environ):
+    with pytest.raises(SettingsError, match="API_KEY"):
+        Settings.load(env_file=None, environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SERVER_PORT", "http"), ("SERVER_PORT", "70000"), ("DEVICE", "tpu"), ("DTYPE", "int8"),
+     ("DEFAULT_RESOLUTION", "500"), ("MAX_UPLOAD_MB", "-1"), ("TLS", "maybe")],
+)
+def test_invalid_setting_is_named(name, value):
+    with pytest.raises(SettingsError, match=f"invalid setting {name} \\(got '{value}'\\)"):
+        Settings.load(env_file=None, environ={"API_KEY": "k", name: value})
+
+
+def test_limits_must_cover_defaults():
+    with pytest.raises(SettingsError, match="MAX_RESOLUTION"):
+        Settings.load(env_file=None, environ={"API_KEY": "k", "MAX_RESOLUTION": "256"})
+
+
+def test_api_key_never_appears_in_messages_or_repr():
+    settings = Settings.load(env_file=None, environ={"API_KEY": "very-secret-value"})
+    assert "very-secret-value" not in repr(settings) and "very-secret-value" not in str(settings)
+    with pytest.raises(SettingsError) as raised:
+        Settings.load(env_file=None, environ={"API_KEY": "very-secret-value", "SERVER_PORT": "x"})
+    assert "very-secret-value" not in str(raised.value)
