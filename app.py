@@ -19,10 +19,16 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from stable_diffusion.errors import GenerationTimeout, InvalidField, PayloadTooLarge, ServiceError, Unauthorized
 from stable_diffusion.generation import build_request, render_output
-from stable_diffusion.image_processing import FILE_EXTENSIONS, DecodeLimits, decode_upload
+from stable_diffusion.image_processing import (
+    FILE_EXTENSIONS,
+    DecodeLimits,
+    decode_upload,
+    encode_png,
+    make_control_image,
+)
 from stable_diffusion.pipeline_initialization import ModelLoadError, load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import generate_fields_model, parse_fields
+from stable_diffusion.request_fields import edge_fields_model, generate_fields_model, parse_fields
 from stable_diffusion.settings import Settings, SettingsError
 from stable_diffusion.storage import new_file_stem, write_atomically
 from stable_diffusion.tls import ensure_self_signed_certificate
@@ -49,6 +55,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         PipelineService(load_pipelines(settings)), settings.queue_size
     )
     app.extensions["generate_fields"] = generate_fields_model(settings)
+    app.extensions["edge_fields"] = edge_fields_model(settings)
     for directory in (settings.input_dir, settings.output_dir):
         directory.mkdir(parents=True, exist_ok=True)
     _init_request_log(app, settings)
@@ -173,9 +180,36 @@ def _init_routes(app: Flask) -> None:
     def health():
         return jsonify(status="ok")
 
+    @app.get("/info")
+    def info():
+        return jsonify(
+            worker.service.describe()
+            | {
+                "fields": {
+                    "generate": app.extensions["generate_fields"].model_json_schema()["properties"],
+                    "preprocess": app.extensions["edge_fields"].model_json_schema()["properties"],
+                },
+                "limits": {
+                    "max_upload_mb": settings.max_upload_mb,
+                    "max_image_pixels": settings.max_image_pixels,
+                    "max_gif_frames": settings.max_gif_frames,
+                    "max_prompt_chars": settings.max_prompt_chars,
+                    "queue_size": settings.queue_size,
+                    "generation_timeout_s": settings.generation_timeout_s,
+                },
+            }
+        )
+
+    @app.post("/preprocess")
+    def preprocess():
+        fields, data = _read_image_form(app.extensions["edge_fields"], settings)
+        upload = decode_upload(data, limits)
+        edges = make_control_image(upload.frames[0], fields.resolution, fields.low_threshold, fields.high_threshold)
+        return send_file(io.BytesIO(encode_png(edges)), mimetype="image/png", download_name="edges.png")
+
     @app.post("/generate")
     def generate():
-        fields, data = _read_generate_form(app.extensions["generate_fields"], settings)
+        fields, data = _read_image_form(app.extensions["generate_fields"], settings)
         upload = decode_upload(data, limits)
         generation = build_request(g.request_id, fields, upload)
         g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
@@ -199,7 +233,7 @@ def _init_routes(app: Flask) -> None:
         return response
 
 
-def _read_generate_form(fields_model, settings: Settings):
+def _read_image_form(fields_model, settings: Settings):
     """The validated text fields and the raw bytes of the one `image` file of a multipart request."""
     for name in request.files:
         if name != "image":

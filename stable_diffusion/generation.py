@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from stable_diffusion.gif_creator import encode_gif
+from stable_diffusion.errors import InvalidField
+from stable_diffusion.gif_creator import encode_gif, make_progress_gif
 from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
 from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult, a1111_parameters
 from stable_diffusion.request_fields import MAX_SEED
@@ -22,6 +23,8 @@ class RenderedOutput:
 
 def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> GenerationRequest:
     """Edge maps for every frame, the seed drawn when none was given."""
+    if fields.progress_gif and upload.is_animated:
+        raise InvalidField("progress_gif works on still images only; send a PNG or JPEG, or set progress_gif=false.")
     control_images = make_control_images(
         upload, fields.resolution, fields.low_threshold, fields.high_threshold
     )
@@ -39,6 +42,7 @@ def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> G
         control_end=fields.control_end,
         refine_strength=fields.refine_strength,
         scheduler=fields.scheduler,
+        progress_gif=fields.progress_gif,
         recipe=fields.model_dump() | {"seed": seed},
     )
 
@@ -46,7 +50,9 @@ def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> G
 def render_output(
     request: GenerationRequest, result: GenerationResult, upload: DecodedImage, model_name: str
 ) -> RenderedOutput:
-    """A PNG carrying its recipe, or for an animated upload a GIF with the upload's timing."""
+    """A PNG carrying its recipe; a GIF for an animated upload (with its timing) or a progress GIF."""
+    if request.progress_gif:
+        return RenderedOutput(make_progress_gif(result.step_previews, result.images[0]), "image/gif", "gif")
     if upload.is_animated:
         return RenderedOutput(encode_gif(result.images, upload.durations_ms, upload.loop), "image/gif", "gif")
     width, height = request.size

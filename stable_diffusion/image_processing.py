@@ -134,22 +134,26 @@ def make_canny_edges(image: Image.Image, low_threshold: int, high_threshold: int
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
+def make_control_image(frame: Image.Image, longer_side: int, low_threshold: int, high_threshold: int) -> Image.Image:
+    """One frame resized for the pipeline and turned into its edge map."""
+    resized = frame.resize(fit_size(*frame.size, longer_side), Image.Resampling.LANCZOS)
+    return make_canny_edges(resized, low_threshold, high_threshold)
+
+
 def make_control_images(
     upload: DecodedImage, longer_side: int, low_threshold: int, high_threshold: int
 ) -> list[Image.Image]:
-    """Each frame resized for the pipeline and turned into its edge map."""
-    size = fit_size(*upload.size, longer_side)
-    return [
-        make_canny_edges(frame.resize(size, Image.Resampling.LANCZOS), low_threshold, high_threshold)
-        for frame in upload.frames
-    ]
+    """Every frame's edge map, as the pipeline takes them."""
+    return [make_control_image(frame, longer_side, low_threshold, high_threshold) for frame in upload.frames]
 
 
-def encode_png(image: Image.Image, parameters: str, recipe: dict) -> bytes:
-    """PNG bytes carrying the recipe as AUTOMATIC1111's `parameters` text chunk and as JSON."""
+def encode_png(image: Image.Image, parameters: str | None = None, recipe: dict | None = None) -> bytes:
+    """PNG bytes, carrying the recipe (if given) as AUTOMATIC1111's `parameters` text chunk and as JSON."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    info.add_text("recipe", json.dumps(recipe, sort_keys=True))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    if recipe is not None:
+        info.add_text("recipe", json.dumps(recipe, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -48,6 +48,7 @@ class GenerationRequest:
     control_end: float = 1.0
     refine_strength: float = 0.3
     scheduler: str = "unipc"
+    progress_gif: bool = False
     # The caller's full recipe (thresholds and resolution included), written into the output's metadata.
     recipe: dict = field(default_factory=dict, compare=False)
 
@@ -65,6 +66,8 @@ class GenerationRequest:
 class GenerationResult:
     images: tuple[Image.Image, ...]
     seconds: float
+    # With `progress_gif`: the picture after every denoising step, decoded from the latents.
+    step_previews: tuple[Image.Image, ...] = ()
 
 
 class PipelineService:
@@ -81,12 +84,21 @@ class PipelineService:
     def model_name(self) -> str:
         return self.pipelines.model_name
 
+    def describe(self) -> dict[str, object]:
+        """What runs the generations, for GET /info."""
+        return {
+            "model": self.pipelines.model_name,
+            "device": str(self.pipelines.device),
+            "dtype": str(self.pipelines.dtype).removeprefix("torch."),
+            "schedulers": list(SCHEDULERS),
+        }
+
     def run(self, request: GenerationRequest, on_step: ProgressCallback | None = None) -> GenerationResult:
         started = time.perf_counter()
         # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it.
         _check_request(request)
         batches = math.ceil(len(request.control_images) / FRAME_BATCH_SIZE)
-        progress = _StepCounter((request.steps + request.refine_steps) * batches, on_step)
+        progress = _StepCounter((request.steps + request.refine_steps) * batches, on_step, request.progress_gif)
 
         # 2. Choose the sampler, shared by both passes.
         scheduler = self._schedulers[request.scheduler]
@@ -106,7 +118,7 @@ class PipelineService:
                 generators = [torch.Generator("cpu").manual_seed(request.seed) for _ in batch]
                 generated = self._refine(request, batch, generated, generators, progress)
             images.extend(generated)
-        return GenerationResult(tuple(images), time.perf_counter() - started)
+        return GenerationResult(tuple(images), time.perf_counter() - started, tuple(progress.previews))
 
     def _generate(self, request, control_images, generators, progress) -> list[Image.Image]:
         width, height = request.size
@@ -145,14 +157,25 @@ class PipelineService:
 class _StepCounter:
     """Turns diffusers' per-pass step callbacks into one running count across passes and batches."""
 
-    def __init__(self, total: int, on_step: ProgressCallback | None) -> None:
+    def __init__(self, total: int, on_step: ProgressCallback | None, keep_previews: bool) -> None:
         self.total, self.on_step, self.done = total, on_step, 0
+        self.keep_previews = keep_previews
+        self.previews: list[Image.Image] = []
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.done = min(self.done + 1, self.total)
+        if self.keep_previews:
+            self.previews.append(decode_latents(pipe, callback_kwargs["latents"][:1])[0])
         if self.on_step is not None:
             self.on_step(self.done, self.total)
         return callback_kwargs
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """What the latents look like now, through the pipeline's own VAE."""
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 def _check_request(request: GenerationRequest) -> None:

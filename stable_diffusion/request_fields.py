@@ -14,14 +14,39 @@ MAX_SEED = 2**32 - 1
 MIN_RESOLUTION = 256
 
 
+def edge_fields_model(settings: Settings) -> type[BaseModel]:
+    """The fields that shape the edge map: what /preprocess takes, and what /generate builds on."""
+    min_resolution = min(MIN_RESOLUTION, settings.default_resolution)
+
+    class EdgeFields(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        resolution: int = Field(
+            settings.default_resolution, ge=min_resolution, le=settings.max_resolution, multiple_of=8,
+            description=(
+                f"the output's longer side in pixels, a multiple of 8 from {min_resolution} "
+                f"to {settings.max_resolution}; the aspect ratio is kept"
+            ),
+        )
+        low_threshold: int = Field(100, ge=0, le=255, description="Canny's lower threshold, 0 to 255")
+        high_threshold: int = Field(200, ge=0, le=255, description="Canny's upper threshold, 0 to 255")
+
+        @model_validator(mode="after")
+        def _thresholds_ordered(self):
+            if self.low_threshold >= self.high_threshold:
+                raise ValueError(
+                    f"low_threshold ({self.low_threshold}) must be below high_threshold ({self.high_threshold})"
+                )
+            return self
+
+    return EdgeFields
+
+
 def generate_fields_model(settings: Settings) -> type[BaseModel]:
     """The pydantic model of /generate's text fields, with the limits `settings` sets."""
     prompt_text = StringConstraints(strip_whitespace=True, max_length=settings.max_prompt_chars)
-    min_resolution = min(MIN_RESOLUTION, settings.default_resolution)
 
-    class GenerateFields(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class GenerateFields(edge_fields_model(settings)):
         prompt: Annotated[str, prompt_text, StringConstraints(min_length=1)] = Field(
             description=f"what to paint, 1 to {settings.max_prompt_chars} characters"
         )
@@ -42,15 +67,6 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
         guidance_scale: float = Field(
             7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="how closely the prompt is followed, 0 to 30"
         )
-        resolution: int = Field(
-            settings.default_resolution, ge=min_resolution, le=settings.max_resolution, multiple_of=8,
-            description=(
-                f"the output's longer side in pixels, a multiple of 8 from {min_resolution} "
-                f"to {settings.max_resolution}; the aspect ratio is kept"
-            ),
-        )
-        low_threshold: int = Field(100, ge=0, le=255, description="Canny's lower threshold, 0 to 255")
-        high_threshold: int = Field(200, ge=0, le=255, description="Canny's upper threshold, 0 to 255")
         control_start: float = Field(
             0.0, ge=0.0, le=1.0, allow_inf_nan=False,
             description="fraction of the steps at which ControlNet starts guiding, 0 to 1",
@@ -66,13 +82,12 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
         scheduler: Literal[tuple(SCHEDULERS)] = Field(
             "unipc", description=f"the sampler, one of {', '.join(SCHEDULERS)}"
         )
+        progress_gif: bool = Field(
+            False, description="true or false: return an animated GIF of the denoising instead of the PNG"
+        )
 
         @model_validator(mode="after")
-        def _ordered_pairs(self):
-            if self.low_threshold >= self.high_threshold:
-                raise ValueError(
-                    f"low_threshold ({self.low_threshold}) must be below high_threshold ({self.high_threshold})"
-                )
+        def _control_window_ordered(self):
             if self.control_start >= self.control_end:
                 raise ValueError(
                     f"control_start ({self.control_start}) must be below control_end ({self.control_end})"

@@ -126,3 +126,18 @@ def test_start_up_with_missing_weights_says_what_was_tried(tmp_path):
     output = server.output()
     assert "Could not load CONTROLNET_MODEL=" in output and "SD_MODEL=tiny" in output
     assert "Traceback" not in output
+
+
+def test_tls_off_serves_plain_http_for_a_terminating_proxy(tmp_path):
+    server = LiveServer(tmp_path, TLS="false")
+    server.url = server.url.replace("https://", "http://")
+    try:
+        server.wait_until_healthy()
+        response = requests.post(
+            f"{server.url}/generate", headers={"x-api-key": API_KEY},
+            files={"image": ("p.png", png_bytes())}, data={"prompt": "a cart"}, timeout=60,
+        )
+        assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+        assert not (tmp_path / "ssl_cert").exists()
+    finally:
+        assert server.stop() == 0

@@ -1,0 +1,163 @@
+"""How much wall time POST /generate over HTTPS adds to calling the same pipeline in-process.
+
+Tiny model on the CPU, 256 px, 20 steps, refinement at its default. Prints a table and appends it,
+with the date, machine and command, to docs/BENCHMARKS.md.
+
+    python bench/http_overhead.py [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import requests
+import torch
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from stable_diffusion.generation import build_request  # noqa: E402
+from stable_diffusion.image_processing import DecodeLimits, decode_upload  # noqa: E402
+from stable_diffusion.pipeline_initialization import load_pipelines  # noqa: E402
+from stable_diffusion.pipeline_service import PipelineService  # noqa: E402
+from stable_diffusion.request_fields import generate_fields_model  # noqa: E402
+from stable_diffusion.settings import Settings  # noqa: E402
+
+KEY = "bench-key"
+FIELDS = {"prompt": "a lighthouse on a cliff", "resolution": "256", "steps": "20", "seed": "1"}
+
+
+def picture() -> bytes:
+    image = Image.new("RGB", (384, 256), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((40, 40, 200, 200), outline="black", width=4)
+    draw.ellipse((150, 60, 340, 230), outline="black", width=4)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def time_in_process(settings: Settings, upload: bytes, runs: int) -> list[float]:
+    """The pipeline alone: the edge map prepared beforehand, only the generation timed."""
+    service = PipelineService(load_pipelines(settings))
+    fields = generate_fields_model(settings).model_validate(FIELDS)
+    request = build_request("bench", fields, decode_upload(upload, DecodeLimits(10**8, 1)))
+    service.run(request)  # warm-up
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        service.run(request)
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+def time_over_https(environment: dict[str, str], port: int, upload: bytes, runs: int) -> list[float]:
+    """The whole request: upload, decoding, edges, queue, generation, PNG, files, TLS."""
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=REPO_ROOT, env=os.environ | environment,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"https://127.0.0.1:{port}"
+    cert = environment["SSL_CERT_FILE"]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", verify=cert, timeout=2).ok:
+                    break
+            except (requests.ConnectionError, OSError):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(0.25)
+        session = requests.Session()
+        timings = []
+        for index in range(runs + 1):
+            started = time.perf_counter()
+            response = session.post(
+                f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
+                data=FIELDS, verify=cert, timeout=300,
+            )
+            response.raise_for_status()
+            if index:  # the first is the warm-up
+                timings.append(time.perf_counter() - started)
+        return timings
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+
+    upload = picture()
+    with tempfile.TemporaryDirectory() as folder:
+        port = free_port()
+        environment = {
+            "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1",
+            "SERVER_PORT": str(port), "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out",
+            "LOG_FILE": f"{folder}/api.log", "SSL_CERT_FILE": f"{folder}/cert.pem", "SSL_KEY_FILE": f"{folder}/key.pem",
+        }
+        settings = Settings.load(env_file=None, environ=environment)
+        in_process = time_in_process(settings, upload, args.runs)
+        over_https = time_over_https(environment, port, upload, args.runs)
+
+    pipeline_s, http_s = statistics.median(in_process), statistics.median(over_https)
+    overhead = http_s / pipeline_s - 1
+    table = "\n".join(
+        [
+            "| path | median s | min s | max s |",
+            "|---|---|---|---|",
+            f"| pipeline in-process | {pipeline_s:.3f} | {min(in_process):.3f} | {max(in_process):.3f} |",
+            f"| POST /generate over HTTPS | {http_s:.3f} | {min(over_https):.3f} | {max(over_https):.3f} |",
+            "",
+            f"HTTP overhead: **{overhead:+.1%}** (target: at most +10%)",
+        ]
+    )
+    print(table)
+    if not args.no_record:
+        record(table, args.runs)
+
+
+def record(table: str, runs: int) -> None:
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+    entry = (
+        f"\n## HTTP overhead, tiny model on CPU: {date.today().isoformat()}\n\n"
+        f"- Command: `python bench/http_overhead.py --runs {runs}`\n"
+        f"- Machine: {machine}\n"
+        f"- Work: 384x256 PNG upload, resolution 256, 20 steps, refinement 0.3, seed 1; "
+        f"{runs} timed runs after one warm-up each\n\n{table}\n"
+    )
+    path = REPO_ROOT / "docs" / "BENCHMARKS.md"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# Benchmarks\n\nEvery entry says the command, the machine and the date it was measured.\n")
+    with path.open("a") as handle:
+        handle.write(entry)
+
+
+if __name__ == "__main__":
+    main()
