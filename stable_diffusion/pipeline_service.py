@@ -123,35 +123,34 @@ class PipelineService:
     def _generate(self, request, control_images, generators, progress) -> list[Image.Image]:
         width, height = request.size
         return self.pipelines.generate(
-            prompt=[request.prompt] * len(control_images),
-            negative_prompt=[request.negative_prompt] * len(control_images),
             image=control_images,
             width=width,
             height=height,
-            num_inference_steps=request.steps,
-            guidance_scale=float(request.guidance_scale),
-            controlnet_conditioning_scale=float(request.sensitivity),
-            control_guidance_start=float(request.control_start),
-            control_guidance_end=float(request.control_end),
-            generator=generators,
-            callback_on_step_end=progress.callback,
+            **_shared_arguments(request, len(control_images), generators, progress),
         ).images
 
     def _refine(self, request, control_images, images, generators, progress) -> list[Image.Image]:
         return self.pipelines.refine(
-            prompt=[request.prompt] * len(control_images),
-            negative_prompt=[request.negative_prompt] * len(control_images),
             image=images,
             control_image=control_images,
             strength=request.refine_strength,
-            num_inference_steps=request.steps,
-            guidance_scale=float(request.guidance_scale),
-            controlnet_conditioning_scale=float(request.sensitivity),
-            control_guidance_start=float(request.control_start),
-            control_guidance_end=float(request.control_end),
-            generator=generators,
-            callback_on_step_end=progress.callback,
+            **_shared_arguments(request, len(control_images), generators, progress),
         ).images
+
+
+def _shared_arguments(request: GenerationRequest, batch_size: int, generators, progress) -> dict:
+    """What both passes take alike: prompts, guidance, ControlNet weighting, seeds, the step callback."""
+    return {
+        "prompt": [request.prompt] * batch_size,
+        "negative_prompt": [request.negative_prompt] * batch_size,
+        "num_inference_steps": request.steps,
+        "guidance_scale": float(request.guidance_scale),
+        "controlnet_conditioning_scale": float(request.sensitivity),
+        "control_guidance_start": float(request.control_start),
+        "control_guidance_end": float(request.control_end),
+        "generator": generators,
+        "callback_on_step_end": progress.callback,
+    }
 
 
 class _StepCounter:
