@@ -33,11 +33,7 @@ def edge_fields_model(settings: Settings) -> type[BaseModel]:
 
         @model_validator(mode="after")
         def _thresholds_ordered(self):
-            if self.low_threshold >= self.high_threshold:
-                raise ValueError(
-                    f"low_threshold ({self.low_threshold}) must be below high_threshold ({self.high_threshold})"
-                )
-            return self
+            return _require_below(self, "low_threshold", "high_threshold")
 
     return EdgeFields
 
@@ -88,13 +84,16 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
 
         @model_validator(mode="after")
         def _control_window_ordered(self):
-            if self.control_start >= self.control_end:
-                raise ValueError(
-                    f"control_start ({self.control_start}) must be below control_end ({self.control_end})"
-                )
-            return self
+            return _require_below(self, "control_start", "control_end")
 
     return GenerateFields
+
+
+def _require_below(fields: BaseModel, lower: str, upper: str) -> BaseModel:
+    low, high = getattr(fields, lower), getattr(fields, upper)
+    if low >= high:
+        raise ValueError(f"{lower} ({low}) must be below {upper} ({high})")
+    return fields
 
 
 def parse_fields(model: type[BaseModel], values: dict[str, str]) -> BaseModel:

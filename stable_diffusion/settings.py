@@ -65,20 +65,13 @@ class Settings(BaseModel):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
-    @field_validator("max_resolution")
+    @field_validator("max_resolution", "max_steps")
     @classmethod
     def _max_covers_default(cls, value: int, info) -> int:
-        default = info.data.get("default_resolution")
+        default_field = {"max_resolution": "default_resolution", "max_steps": "default_steps"}[info.field_name]
+        default = info.data.get(default_field)
         if default is not None and value < default:
-            raise ValueError(f"must be at least DEFAULT_RESOLUTION ({default})")
-        return value
-
-    @field_validator("max_steps")
-    @classmethod
-    def _max_steps_covers_default(cls, value: int, info) -> int:
-        default = info.data.get("default_steps")
-        if default is not None and value < default:
-            raise ValueError(f"must be at least DEFAULT_STEPS ({default})")
+            raise ValueError(f"must be at least {default_field.upper()} ({default})")
         return value
 
     @property

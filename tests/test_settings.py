@@ -44,8 +44,10 @@ def test_invalid_setting_is_named(name, value):
 
 
 def test_limits_must_cover_defaults():
-    with pytest.raises(SettingsError, match="MAX_RESOLUTION"):
+    with pytest.raises(SettingsError, match="MAX_RESOLUTION .*at least DEFAULT_RESOLUTION \\(512\\)"):
         Settings.load(env_file=None, environ={"API_KEY": "k", "MAX_RESOLUTION": "256"})
+    with pytest.raises(SettingsError, match="MAX_STEPS .*at least DEFAULT_STEPS \\(20\\)"):
+        Settings.load(env_file=None, environ={"API_KEY": "k", "MAX_STEPS": "10"})
 
 
 def test_api_key_never_appears_in_messages_or_repr():
