@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -49,53 +51,62 @@ def picture() -> bytes:
     return buffer.getvalue()
 
 
-def time_in_process(settings: Settings, upload: bytes, runs: int) -> list[float]:
-    """The pipeline alone: the edge map prepared beforehand, only the generation timed."""
-    service = PipelineService(load_pipelines(settings))
-    fields = generate_fields_model(settings).model_validate(FIELDS)
-    request = build_request("bench", fields, decode_upload(upload, DecodeLimits(10**8, 1)))
-    service.run(request)  # warm-up
-    timings = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        service.run(request)
-        timings.append(time.perf_counter() - started)
-    return timings
-
-
-def time_over_https(environment: dict[str, str], port: int, upload: bytes, runs: int) -> list[float]:
-    """The whole request: upload, decoding, edges, queue, generation, PNG, files, TLS."""
+@contextmanager
+def live_server(environment: dict[str, str], port: int) -> Iterator[str]:
     process = subprocess.Popen(
         [sys.executable, "app.py"], cwd=REPO_ROOT, env=os.environ | environment,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"https://127.0.0.1:{port}"
-    cert = environment["SSL_CERT_FILE"]
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{url}/health", verify=cert, timeout=2).ok:
+                if requests.get(f"{url}/health", verify=environment["SSL_CERT_FILE"], timeout=2).ok:
                     break
             except (requests.ConnectionError, OSError):
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.25)
-        session = requests.Session()
-        timings = []
-        for index in range(runs + 1):
-            started = time.perf_counter()
-            response = session.post(
-                f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
-                data=FIELDS, verify=cert, timeout=300,
-            )
-            response.raise_for_status()
-            if index:  # the first is the warm-up
-                timings.append(time.perf_counter() - started)
-        return timings
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def measure(environment: dict[str, str], port: int, upload: bytes, runs: int) -> tuple[list[float], list[float]]:
+    """Time the pipeline alone and the whole request, alternating, so drift in the machine's speed
+    (other tenants, turbo) falls on both sides alike.
+
+    In-process: the edge map prepared beforehand, only `PipelineService.run` timed. Over HTTPS: upload,
+    decoding, edges, queue, generation, PNG, files, TLS. Each side gets one warm-up first.
+    """
+    settings = Settings.load(env_file=None, environ=environment)
+    service = PipelineService(load_pipelines(settings))
+    fields = generate_fields_model(settings).model_validate(FIELDS)
+    request = build_request("bench", fields, decode_upload(upload, DecodeLimits(10**8, 1)))
+
+    with live_server(environment, port) as url, requests.Session() as session:
+        def over_https() -> None:
+            response = session.post(
+                f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
+                data=FIELDS, verify=environment["SSL_CERT_FILE"], timeout=300,
+            )
+            response.raise_for_status()
+
+        service.run(request)
+        over_https()
+        in_process, https = [], []
+        for _ in range(runs):
+            in_process.append(timed(lambda: service.run(request)))
+            https.append(timed(over_https))
+    return in_process, https
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 def free_port() -> int:
@@ -118,9 +129,7 @@ def main() -> None:
             "SERVER_PORT": str(port), "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out",
             "LOG_FILE": f"{folder}/api.log", "SSL_CERT_FILE": f"{folder}/cert.pem", "SSL_KEY_FILE": f"{folder}/key.pem",
         }
-        settings = Settings.load(env_file=None, environ=environment)
-        in_process = time_in_process(settings, upload, args.runs)
-        over_https = time_over_https(environment, port, upload, args.runs)
+        in_process, over_https = measure(environment, port, upload, args.runs)
 
     pipeline_s, http_s = statistics.median(in_process), statistics.median(over_https)
     overhead = http_s / pipeline_s - 1
@@ -149,7 +158,7 @@ def record(table: str, runs: int) -> None:
         f"- Command: `python bench/http_overhead.py --runs {runs}`\n"
         f"- Machine: {machine}\n"
         f"- Work: 384x256 PNG upload, resolution 256, 20 steps, refinement 0.3, seed 1; "
-        f"{runs} timed runs after one warm-up each\n\n{table}\n"
+        f"{runs} timed runs of each, alternating, after one warm-up each\n\n{table}\n"
     )
     path = REPO_ROOT / "docs" / "BENCHMARKS.md"
     if not path.exists():
