@@ -1,67 +1,80 @@
-"""The HTTP edge of the image generation API: routes, auth, request parsing, JSON errors, serving."""
+"""The HTTP edge of the image generation API: assembling the app, auth, JSON errors, request log, serving."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-import io
 import logging
+import os
 import re
 import sys
 import time
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
 from logging.handlers import RotatingFileHandler
 
-from flask import Flask, g, jsonify, request, send_file
+from flask import Flask, g, jsonify, request
+from flask_cors import CORS
 from gunicorn.app.base import BaseApplication
-from gunicorn.errors import AppImportError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from stable_diffusion.errors import GenerationTimeout, InvalidField, PayloadTooLarge, ServiceError, Unauthorized
-from stable_diffusion.generation import build_request, render_output
-from stable_diffusion.image_processing import (
-    FILE_EXTENSIONS,
-    DecodeLimits,
-    decode_upload,
-    encode_png,
-    make_control_image,
-)
-from stable_diffusion.pipeline_initialization import ModelLoadError, load_pipelines
+from stable_diffusion.errors import ServiceError, Unauthorized
+from stable_diffusion.image_processing import DecodeLimits
+from stable_diffusion.jobs import JobManager, JobStore
+from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import edge_fields_model, generate_fields_model, parse_fields
+from stable_diffusion.request_fields import edge_fields_model, generate_fields_model
 from stable_diffusion.settings import Settings, SettingsError
-from stable_diffusion.storage import new_file_stem, write_atomically
 from stable_diffusion.tls import ensure_self_signed_certificate
 from stable_diffusion.worker import GenerationWorker
+from web.images import images
+from web.jobs import jobs
+from web.operations import Metrics, operations
+from web.pages import PUBLIC_ENDPOINTS as PAGES
+from web.pages import pages
 
-PUBLIC_ENDPOINTS = {"health"}
+PUBLIC_ENDPOINTS = {"operations.health", *PAGES}
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
 # The most of a refused body that is read and thrown away before answering 413.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+# The exit status gunicorn's arbiter reads as "the application failed to load", and stops on.
+APP_LOAD_ERROR = 4
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Flask:
-    """Build the app; without `worker`, load the configured model and start a worker for it."""
+    """Build the app; without `worker`, start one that loads the configured model in the background."""
     app = Flask(__name__)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         MAX_FORM_MEMORY_SIZE=FORM_OVERHEAD_BYTES,
         MAX_FORM_PARTS=64,
     )
-    app.extensions["settings"] = settings
-    app.extensions["worker"] = worker or GenerationWorker(
-        PipelineService(load_pipelines(settings)), settings.queue_size
-    )
-    app.extensions["generate_fields"] = generate_fields_model(settings)
-    app.extensions["edge_fields"] = edge_fields_model(settings)
+    worker = worker or GenerationWorker(lambda: PipelineService(load_pipelines(settings)), settings.queue_size)
     for directory in (settings.input_dir, settings.output_dir):
         directory.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.jobs_db)
+    app.extensions.update(
+        settings=settings,
+        worker=worker,
+        jobs=JobManager(store, worker, settings.input_dir, settings.output_dir, settings.job_retention_s),
+        generate_fields=generate_fields_model(settings),
+        edge_fields=edge_fields_model(settings),
+        decode_limits=DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames),
+    )
     _init_request_log(app, settings)
     _init_auth(app, settings)
     _init_errors(app)
-    _init_routes(app)
+    app.extensions["metrics"] = Metrics(app, store)
+    CORS(
+        app,
+        origins=list(settings.cors_origins),
+        allow_headers=["x-api-key", "Content-Type", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "X-Seed", "Location", "Retry-After", "Content-Disposition"],
+        max_age=600,
+    )
+    for blueprint in (operations, images, jobs, pages):
+        app.register_blueprint(blueprint)
     return app
 
 
@@ -103,13 +116,17 @@ def _init_auth(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def require_api_key() -> None:
-        if request.endpoint in PUBLIC_ENDPOINTS:
+        # Browsers send CORS preflights without credentials; flask-cors answers them.
+        if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS":
             return
         given = request.headers.get("x-api-key")
         if given is None:
             raise Unauthorized("Missing API key: send it in the x-api-key header.")
-        if not _matches_any(_header_bytes(given), keys):
+        given_bytes = _header_bytes(given)
+        if not _matches_any(given_bytes, keys):
             raise Unauthorized("Invalid API key: check the x-api-key header.")
+        # Jobs belong to a key; they are filed under its hash, never the key itself.
+        g.owner = hashlib.sha256(given_bytes).hexdigest()
 
 
 def _header_bytes(value: str) -> bytes:
@@ -171,102 +188,6 @@ def _discard_unread_body() -> None:
         remaining -= len(chunk)
 
 
-def _init_routes(app: Flask) -> None:
-    settings: Settings = app.extensions["settings"]
-    worker: GenerationWorker = app.extensions["worker"]
-    limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames)
-
-    @app.get("/health")
-    def health():
-        return jsonify(status="ok")
-
-    @app.get("/info")
-    def info():
-        return jsonify(
-            worker.service.describe()
-            | {
-                "fields": {
-                    "generate": app.extensions["generate_fields"].model_json_schema()["properties"],
-                    "preprocess": app.extensions["edge_fields"].model_json_schema()["properties"],
-                },
-                "limits": {
-                    "max_upload_mb": settings.max_upload_mb,
-                    "max_image_pixels": settings.max_image_pixels,
-                    "max_gif_frames": settings.max_gif_frames,
-                    "max_prompt_chars": settings.max_prompt_chars,
-                    "queue_size": settings.queue_size,
-                    "generation_timeout_s": settings.generation_timeout_s,
-                },
-            }
-        )
-
-    @app.post("/preprocess")
-    def preprocess():
-        fields, data = _read_image_form(app.extensions["edge_fields"], settings)
-        upload = decode_upload(data, limits)
-        edges = make_control_image(upload.frames[0], fields.resolution, fields.low_threshold, fields.high_threshold)
-        return send_file(io.BytesIO(encode_png(edges)), mimetype="image/png", download_name="edges.png")
-
-    @app.post("/generate")
-    def generate():
-        fields, data = _read_image_form(app.extensions["generate_fields"], settings)
-        upload = decode_upload(data, limits)
-        generation = build_request(g.request_id, fields, upload)
-        g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
-        future = worker.submit(generation)
-        stem = new_file_stem()
-        write_atomically(settings.input_dir / f"{stem}.{FILE_EXTENSIONS[upload.format]}", data)
-        try:
-            result = future.result(timeout=settings.generation_timeout_s)
-        except FutureTimeout:
-            future.cancel()
-            raise GenerationTimeout(
-                f"Generation did not finish within {settings.generation_timeout_s:g} s "
-                "(GENERATION_TIMEOUT_S); retry later or with fewer steps."
-            ) from None
-        g.log_fields["generation_s"] = round(result.seconds, 3)
-        output = render_output(generation, result, upload, worker.service.model_name)
-        name = f"{stem}.{output.extension}"
-        write_atomically(settings.output_dir / name, output.data)
-        response = send_file(io.BytesIO(output.data), mimetype=output.mimetype, as_attachment=True, download_name=name)
-        response.headers["X-Seed"] = str(generation.seed)
-        return response
-
-
-def _read_image_form(fields_model, settings: Settings):
-    """The validated text fields and the raw bytes of the one `image` file of a multipart request."""
-    for name in request.files:
-        if name != "image":
-            raise InvalidField(
-                f"{name} was sent as a file; send it as a plain text field (curl -F '{name}=...')."
-                if name in fields_model.model_fields
-                else f"{name} is not a field of this endpoint; the only file field is image."
-            )
-    images = request.files.getlist("image")
-    if not images:
-        if "image" in request.form:
-            raise InvalidField("image must be a file upload, e.g. curl -F image=@photo.png.")
-        raise InvalidField(
-            "image is required: send a multipart/form-data request with the picture in the field "
-            "image, e.g. curl -F image=@photo.png."
-        )
-    values = {}
-    for name in request.form:
-        sent = request.form.getlist(name)
-        if len(sent) > 1:
-            raise InvalidField(f"{name} was sent {len(sent)} times; send it once.")
-        values[name] = sent[0]
-    if len(images) > 1:
-        raise InvalidField(f"image was sent {len(images)} times; send one picture per request.")
-    fields = parse_fields(fields_model, values)
-    data = images[0].read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(
-            f"image is larger than the {settings.max_upload_mb:g} MB limit (MAX_UPLOAD_MB); send a smaller file."
-        )
-    return fields, data
-
-
 def main() -> int:
     """Serve over HTTPS with gunicorn: one worker process owning the model, threads for the clients."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -309,11 +230,20 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
-        try:
-            return create_app(self.settings)
-        except (ModelLoadError, SettingsError) as exc:
-            # gunicorn prints this message alone and stops, instead of a traceback and a restart loop.
-            raise AppImportError(f"error: {exc}") from exc
+        """Runs in the worker process: answer /health at once while the model loads in the background."""
+        worker = GenerationWorker(
+            lambda: PipelineService(load_pipelines(self.settings)),
+            self.settings.queue_size,
+            on_load_failed=_stop_serving,
+        )
+        return create_app(self.settings, worker)
+
+
+def _stop_serving(error: Exception) -> None:
+    """The model cannot load, so nothing can be served: say why in one line and stop the whole server
+    (gunicorn stops instead of restarting a worker that exits with APP_LOAD_ERROR)."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    os._exit(APP_LOAD_ERROR)
 
 
 if __name__ == "__main__":

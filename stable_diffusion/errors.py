@@ -34,8 +34,26 @@ class QueueFull(ServiceError):
     status = 503
 
 
+class ModelNotReady(ServiceError):
+    status = 503
+
+
 class GenerationOutOfMemory(ServiceError):
     status = 503
+
+
+class GenerationCanceled(ServiceError):
+    """Raised inside a run whose job was canceled; the worker stops it at the next step."""
+
+    status = 409
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
 
 
 class GenerationFailed(ServiceError):

@@ -29,7 +29,9 @@ SCHEDULERS = {
 # Animated GIF frames go through the pipeline this many at a time.
 FRAME_BATCH_SIZE = 4
 
-ProgressCallback = Callable[[int, int], None]
+# Called with (steps done, total steps, preview): once with 0 when the run starts, then after every
+# denoising step. `preview()` decodes the first picture of the batch as it looks now (None at 0).
+ProgressCallback = Callable[[int, int, Callable[[], Image.Image] | None], None]
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class PipelineService:
         _check_request(request)
         batches = math.ceil(len(request.control_images) / FRAME_BATCH_SIZE)
         progress = _StepCounter((request.steps + request.refine_steps) * batches, on_step, request.progress_gif)
+        progress.start()
 
         # 2. Choose the sampler, shared by both passes.
         scheduler = self._schedulers[request.scheduler]
@@ -161,12 +164,17 @@ class _StepCounter:
         self.keep_previews = keep_previews
         self.previews: list[Image.Image] = []
 
+    def start(self) -> None:
+        if self.on_step is not None:
+            self.on_step(0, self.total, None)
+
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.done = min(self.done + 1, self.total)
+        latents = callback_kwargs["latents"][:1]
         if self.keep_previews:
-            self.previews.append(decode_latents(pipe, callback_kwargs["latents"][:1])[0])
+            self.previews.append(decode_latents(pipe, latents)[0])
         if self.on_step is not None:
-            self.on_step(self.done, self.total)
+            self.on_step(self.done, self.total, lambda: decode_latents(pipe, latents)[0])
         return callback_kwargs
 
 

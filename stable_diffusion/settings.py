@@ -31,7 +31,9 @@ class Settings(BaseModel):
     tls: bool = Field(True, alias="TLS")
     ssl_cert_file: Path = Field(REPO_ROOT / "ssl_cert" / "cert.pem", alias="SSL_CERT_FILE")
     ssl_key_file: Path = Field(REPO_ROOT / "ssl_cert" / "key.pem", alias="SSL_KEY_FILE")
-    http_threads: int = Field(8, alias="HTTP_THREADS", ge=1, le=256)
+    # Every open GET /jobs/<id>/events stream holds one of these threads.
+    http_threads: int = Field(32, alias="HTTP_THREADS", ge=1, le=1024)
+    cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
 
     sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
@@ -52,15 +54,18 @@ class Settings(BaseModel):
     queue_size: int = Field(16, alias="QUEUE_SIZE", ge=1, le=10_000)
     generation_timeout_s: float = Field(600.0, alias="GENERATION_TIMEOUT_S", gt=0)
 
+    jobs_db: Path = Field(REPO_ROOT / "jobs.sqlite3", alias="JOBS_DB")
+    job_retention_s: float = Field(7 * 24 * 3600, alias="JOB_RETENTION_S", gt=0)
+
     input_dir: Path = Field(REPO_ROOT / "input_images", alias="INPUT_DIR")
     output_dir: Path = Field(REPO_ROOT / "output_images", alias="OUTPUT_DIR")
     log_file: Path = Field(REPO_ROOT / "api.log", alias="LOG_FILE")
     log_max_bytes: int = Field(10_000_000, alias="LOG_MAX_BYTES", ge=1024)
     log_backups: int = Field(5, alias="LOG_BACKUPS", ge=0, le=100)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value

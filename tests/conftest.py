@@ -53,7 +53,7 @@ def pipeline_service(tmp_path_factory) -> PipelineService:
 
 @pytest.fixture
 def worker(pipeline_service: PipelineService, settings: Settings):
-    worker = GenerationWorker(pipeline_service, settings.queue_size)
+    worker = GenerationWorker(lambda: pipeline_service, settings.queue_size)
     yield worker
     worker.close(timeout=60)
 

@@ -258,7 +258,7 @@ class FailingOnce(PipelineService):
     ],
 )
 def test_failed_generation_is_json_and_the_next_request_succeeds(pipeline_service, settings, error, status, words):
-    worker = GenerationWorker(FailingOnce(pipeline_service, error), settings.queue_size)
+    worker = GenerationWorker(lambda: FailingOnce(pipeline_service, error), settings.queue_size)
     client = create_app(settings, worker).test_client()
     try:
         failed = post_generate(client, png_bytes())

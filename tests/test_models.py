@@ -47,7 +47,7 @@ def test_refiner_shares_the_weights(pipeline_service):
 
 def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_service):
     progress = []
-    record = lambda done, total: progress.append((done, total))  # noqa: E731
+    record = lambda done, total, preview: progress.append((done, total))  # noqa: E731
     refined = pipeline_service.run(edge_request(refine_strength=0.5), record)
     assert progress[-1] == (6, 6)  # 4 generation steps + 2 refinement steps
     plain = pipeline_service.run(edge_request(refine_strength=0.0)).images[0]
@@ -56,8 +56,8 @@ def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_serv
 
 def test_steps_reach_the_pipeline(pipeline_service):
     progress = []
-    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), lambda done, total: progress.append(done))
-    assert progress == list(range(1, 8))
+    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), lambda done, total, preview: progress.append(done))
+    assert progress == list(range(8))  # 0 when the run starts, then after each step
 
 
 def test_the_edge_map_steers_the_picture(pipeline_service):

@@ -1,0 +1,1 @@
+"""The HTTP resources of the API, one blueprint per module; `app.py` assembles and serves them."""

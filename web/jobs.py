@@ -1,0 +1,87 @@
+"""Asynchronous jobs: submit, poll, watch as Server-Sent Events, fetch the result, cancel."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
+
+from stable_diffusion.generation import build_request
+from stable_diffusion.image_processing import decode_upload
+from stable_diffusion.jobs import Job, JobEvent, JobManager, describe
+from web.forms import read_image_form
+
+jobs = Blueprint("jobs", __name__)
+
+
+def _manager() -> JobManager:
+    return current_app.extensions["jobs"]
+
+
+def _shown(job: Job) -> dict[str, object]:
+    links = {
+        "status_url": f"/jobs/{job.id}",
+        "result_url": f"/jobs/{job.id}/result",
+        "events_url": f"/jobs/{job.id}/events",
+    }
+    return describe(job, _manager().queue_position(job.id)) | links
+
+
+@jobs.post("/jobs")
+def submit():
+    settings = current_app.extensions["settings"]
+    fields, data = read_image_form(current_app.extensions["generate_fields"], settings)
+    upload = decode_upload(data, current_app.extensions["decode_limits"])
+    generation = build_request(uuid.uuid4().hex, fields, upload)
+    g.log_fields.update(job=generation.request_id, image="{}x{}".format(*generation.size))
+    job = _manager().submit(g.owner, generation, upload, data)
+    shown = _shown(job)
+    return jsonify(shown), 202, {"Location": shown["status_url"]}
+
+
+@jobs.get("/jobs/<job_id>")
+def status(job_id: str):
+    return jsonify(_shown(_manager().get(job_id, g.owner)))
+
+
+@jobs.delete("/jobs/<job_id>")
+def cancel(job_id: str):
+    """200 once canceled; 202 while a running job is on its way to stopping at its next step."""
+    job = _manager().cancel(job_id, g.owner)
+    return jsonify(_shown(job)), 200 if job.finished else 202
+
+
+@jobs.get("/jobs/<job_id>/result")
+def result(job_id: str):
+    path, mimetype = _manager().result_path(job_id, g.owner)
+    return send_file(path, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{path.suffix}")
+
+
+@jobs.get("/jobs/<job_id>/events")
+def events(job_id: str):
+    """`status` on every status change (the last one ends the stream), `progress` after steps, and
+    `preview` with a small PNG of the current step at most once a second."""
+    manager, owner = _manager(), g.owner
+    manager.get(job_id, owner)  # 404 now, rather than inside the stream
+
+    def stream():
+        for event in manager.events(job_id, owner):
+            yield _server_sent(event)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(stream()), mimetype="text/event-stream", headers=headers)
+
+
+def _server_sent(event: JobEvent | None) -> str:
+    if event is None:
+        return ": keep-alive\n\n"
+    if event.kind == "preview":
+        image = "data:image/png;base64," + base64.b64encode(event.preview_png).decode("ascii")
+        data = {"id": event.job.id, "step": event.job.step, "total": event.job.total, "image": image}
+    elif event.kind == "progress":
+        data = {"id": event.job.id, "step": event.job.step, "total": event.job.total}
+    else:
+        data = _shown(event.job)
+    return f"event: {event.kind}\ndata: {json.dumps(data)}\n\n"

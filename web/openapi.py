@@ -1,0 +1,216 @@
+"""The OpenAPI 3.0 document of the API, built from the same field models the endpoints validate with."""
+
+from __future__ import annotations
+
+from flask import Flask
+from pydantic import BaseModel
+
+ERROR_STATUSES = {
+    "400": "A field is missing or invalid; the message names it and the fix",
+    "401": "The x-api-key header is missing or wrong",
+    "404": "No such job for this API key",
+    "409": "The job is not in a state that allows this",
+    "413": "The upload or the request is over its size limit",
+    "415": "The image is not a PNG, JPEG or GIF, or cannot be decoded",
+    "500": "Generation failed; the message carries a request id to look up in the server log",
+    "503": "The queue is full, the model is not ready, or the GPU ran out of memory; see Retry-After",
+    "504": "The result did not come within GENERATION_TIMEOUT_S",
+    "507": "The server's disk is full",
+}
+IMAGE_ERRORS = ("400", "401", "413", "415")
+GENERATION_ERRORS = (*IMAGE_ERRORS, "500", "503", "507")
+
+
+def build_document(app: Flask) -> dict:
+    settings = app.extensions["settings"]
+    generate_form = _form_schema(app.extensions["generate_fields"])
+    preprocess_form = _form_schema(app.extensions["edge_fields"])
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    picture = _text(
+        "The picture: a PNG, or an animated GIF for an animated upload or progress_gif=true",
+        "image/png",
+        "image/gif",
+        binary=True,
+    ) | {
+        "headers": {
+            "X-Seed": {"schema": {"type": "integer"}, "description": "The seed used"},
+            "X-Request-ID": {"schema": {"type": "string"}},
+        }
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Canny ControlNet image generation API",
+            "version": "1.0.0",
+            "description": (
+                "Upload a picture and a prompt; its Canny edge map guides Stable Diffusion + ControlNet, "
+                f"then a refinement pass. Uploads up to {settings.max_upload_mb:g} MB, "
+                f"{settings.max_image_pixels} pixels and {settings.max_gif_frames} GIF frames."
+            ),
+        },
+        "security": [{"ApiKey": []}],
+        "paths": {
+            "/health": {"get": _operation("Alive", {"200": _json("Alive", "Health")}, public=True)},
+            "/ready": {
+                "get": _operation(
+                    "Ready once the model is loaded and the worker runs",
+                    {"200": _json("Ready", "Ready"), "503": _json("Not ready", "Ready"), "401": _error("401")},
+                )
+            },
+            "/info": {
+                "get": _operation("The model, the fields and the limits", {"200": _json("About", "Info")}, "401")
+            },
+            "/metrics": {
+                "get": _operation(
+                    "Prometheus metrics",
+                    {"200": _text("Text exposition format", "text/plain")},
+                    "401",
+                )
+            },
+            "/openapi.json": {
+                "get": _operation("This document", {"200": _json("OpenAPI document", "Object")}, "401")
+            },
+            "/preprocess": {
+                "post": _operation(
+                    "The Canny edge map /generate would use",
+                    {"200": _text("The edge map", "image/png", binary=True)},
+                    *IMAGE_ERRORS,
+                    form="PreprocessForm",
+                )
+            },
+            "/generate": {
+                "post": _operation(
+                    "Generate and wait for the picture",
+                    {"200": picture},
+                    *GENERATION_ERRORS,
+                    "504",
+                    form="GenerateForm",
+                )
+            },
+            "/jobs": {
+                "post": _operation(
+                    "Queue a generation; answers at once",
+                    {"202": _json("Queued", "Job") | {"headers": {"Location": {"schema": {"type": "string"}}}}},
+                    *GENERATION_ERRORS,
+                    form="GenerateForm",
+                )
+            },
+            "/jobs/{job_id}": {
+                "parameters": [job_id],
+                "get": _operation("A job's status and progress", {"200": _json("The job", "Job")}, "401", "404"),
+                "delete": _operation(
+                    "Cancel: a queued job never runs, a running one stops at its next step",
+                    {"200": _json("Canceled", "Job"), "202": _json("Stopping at the next step", "Job")},
+                    "401", "404", "409",
+                ),
+            },
+            "/jobs/{job_id}/result": {
+                "parameters": [job_id],
+                "get": _operation("The picture of a succeeded job", {"200": picture}, "401", "404", "409"),
+            },
+            "/jobs/{job_id}/events": {
+                "parameters": [job_id],
+                "get": _operation(
+                    "Server-Sent Events: status, progress and preview (a PNG data URL, at most once a second); "
+                    "the stream ends after the job's last status",
+                    {"200": _text("An event stream", "text/event-stream")},
+                    "401", "404",
+                ),
+            },
+        },
+        "components": {
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": {
+                "GenerateForm": generate_form,
+                "PreprocessForm": preprocess_form,
+                "Error": _object({"error": {"type": "string"}}, "error"),
+                "Health": _object({"status": {"type": "string", "enum": ["ok"]}}, "status"),
+                "Ready": _object(
+                    {
+                        "status": {"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
+                        "queue_depth": {"type": "integer", "minimum": 0},
+                        "queue_size": {"type": "integer", "minimum": 1},
+                        "error": {"type": "string"},
+                    },
+                    "status", "queue_depth", "queue_size",
+                ),
+                "Info": {"type": "object", "required": ["model", "device", "fields", "limits"]},
+                "Object": {"type": "object"},
+                "Job": _job_schema(),
+            },
+        },
+    }
+
+
+def _form_schema(model: type[BaseModel]) -> dict:
+    """A field model as a multipart/form-data body, in OpenAPI 3.0's dialect of JSON Schema."""
+    schema = model.model_json_schema()
+    properties = {"image": {"type": "string", "format": "binary", "description": "PNG, JPEG or GIF, by content"}}
+    for name, field in schema["properties"].items():
+        field = dict(field)
+        field.pop("title", None)
+        # An optional field is simply left out of the form; there is no null to send.
+        if "anyOf" in field:
+            field |= next(option for option in field.pop("anyOf") if option.get("type") != "null")
+            field.pop("default", None)
+        properties[name] = field
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image", *schema.get("required", [])],
+        "properties": properties,
+    }
+
+
+def _job_schema() -> dict:
+    timestamp = {"type": "string", "format": "date-time", "nullable": True}
+    return _object(
+        {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+            "progress": _object(
+                {"step": {"type": "integer", "minimum": 0}, "total": {"type": "integer", "minimum": 0}}, "step", "total"
+            ),
+            "queue_position": {"type": "integer", "minimum": 0},
+            "seed": {"type": "integer", "minimum": 0},
+            "error": {"type": "string"},
+            "result_type": {"type": "string", "enum": ["image/png", "image/gif"]},
+            "created_at": timestamp,
+            "started_at": timestamp,
+            "finished_at": timestamp,
+            "status_url": {"type": "string"},
+            "result_url": {"type": "string"},
+            "events_url": {"type": "string"},
+        },
+        "id", "status", "progress", "seed", "created_at", "status_url", "result_url", "events_url",
+    )
+
+
+def _object(properties: dict, *required: str) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": list(required), "properties": properties}
+
+
+def _json(description: str, schema: str) -> dict:
+    reference = {"$ref": f"#/components/schemas/{schema}"}
+    return {"description": description, "content": {"application/json": {"schema": reference}}}
+
+
+def _text(description: str, *media_types: str, binary: bool = False) -> dict:
+    schema = {"type": "string", "format": "binary"} if binary else {"type": "string"}
+    return {"description": description, "content": {media: {"schema": schema} for media in media_types}}
+
+
+def _error(status: str) -> dict:
+    return _json(ERROR_STATUSES[status], "Error")
+
+
+def _operation(summary: str, responses: dict, *errors: str, form: str | None = None, public: bool = False) -> dict:
+    operation = {"summary": summary, "responses": responses | {status: _error(status) for status in errors}}
+    if form is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{form}"}}},
+        }
+    if public:
+        operation["security"] = []
+    return operation

@@ -1,0 +1,85 @@
+"""Endpoints for operators: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from stable_diffusion.jobs import JobStore
+
+operations = Blueprint("operations", __name__)
+
+
+@operations.get("/health")
+def health():
+    """Alive; says nothing about the model (that is /ready)."""
+    return jsonify(status="ok")
+
+
+@operations.get("/ready")
+def ready():
+    worker = current_app.extensions["worker"]
+    body = {"status": worker.state, "queue_depth": worker.queue_depth, "queue_size": worker.queue_size}
+    if worker.state != "ready":
+        response = jsonify(body | {"error": _not_ready_message(worker.state)})
+        response.headers["Retry-After"] = "5"
+        return response, 503
+    return jsonify(body)
+
+
+def _not_ready_message(state: str) -> str:
+    return {
+        "loading": "The model is still loading; retry in a few seconds.",
+        "failed": "The model failed to load; the server log says why.",
+    }.get(state, "The generation worker has stopped; the server is shutting down.")
+
+
+@operations.get("/metrics")
+def metrics():
+    registry = current_app.extensions["metrics"].registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own so that every app counts for itself."""
+
+    def __init__(self, app: Flask, jobs: JobStore) -> None:
+        worker = app.extensions["worker"]
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"],
+            registry=self.registry,
+        )
+        Gauge("queue_depth", "Generation requests waiting for the worker", registry=self.registry).set_function(
+            lambda: worker.queue_depth
+        )
+        self.generation_seconds = Histogram(
+            "generation_seconds", "Time the pipeline took per request",
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600), registry=self.registry,
+        )
+        self.images = Counter("images_generated", "Images (GIF frames included) generated", registry=self.registry)
+        self.registry.register(_JobsCollector(jobs))
+        worker.observe(self._generated)
+
+        @app.after_request
+        def count_request(response):
+            self.requests.labels(request.endpoint or "unknown", str(response.status_code)).inc()
+            return response
+
+    def _generated(self, request, result) -> None:
+        self.generation_seconds.observe(result.seconds)
+        self.images.inc(len(result.images))
+
+
+class _JobsCollector:
+    """Jobs by status, counted in the job store at scrape time."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+
+    def collect(self):
+        family = GaugeMetricFamily("jobs", "Jobs in the store, by status", labels=["status"])
+        for status, count in self.jobs.count_by_status().items():
+            family.add_metric([status], count)
+        yield family
