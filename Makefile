@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test lint bench
+.PHONY: install install-dev browser serve test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ install-dev: $(BIN)/python
 serve: install
 	$(BIN)/python app.py
 
-test: install-dev
+# The browser tests drive Debian's chromium through its chromedriver.
+browser:
+	scripts/install_chromium.sh
+
+test: install-dev browser
 	$(BIN)/python -m pytest
 
 lint: install-dev

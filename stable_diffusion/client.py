@@ -1,0 +1,168 @@
+"""A client for the API: a small Python class for scripts, and a command line on top of it.
+
+    python -m stable_diffusion.client generate photo.png "a lighthouse at dusk" -o out.png --insecure
+
+It submits a job, follows its event stream with a progress bar, and saves the result. The server's
+address and key come from --url/--key or SD_API_URL/SD_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+import sseclient
+import urllib3
+from tqdm import tqdm
+
+DEFAULT_URL = "https://127.0.0.1:5000"
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+class ApiError(Exception):
+    """The server answered with an error: `status` is the HTTP status, `message` its explanation."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+class Client:
+    """`verify` is passed to requests: True, False (self-signed, unchecked) or a CA/certificate path."""
+
+    def __init__(self, url: str, key: str, *, verify: bool | str = True, timeout: float = 60) -> None:
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.session = requests.Session()
+        self.session.headers["x-api-key"] = key
+        self.session.verify = verify
+
+    def submit(self, image: str | Path | bytes, prompt: str, **fields: object) -> dict:
+        """Queue a job; `fields` are /generate's optional fields (negative_prompt, sensitivity, seed, ...)."""
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        form = {"prompt": prompt} | {name: _form_value(value) for name, value in fields.items() if value is not None}
+        return self._call("POST", "/jobs", files={"image": ("image", data)}, data=form).json()
+
+    def status(self, job_id: str) -> dict:
+        return self._call("GET", f"/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("DELETE", f"/jobs/{job_id}").json()
+
+    def result(self, job_id: str) -> bytes:
+        return self._call("GET", f"/jobs/{job_id}/result").content
+
+    def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
+        """(kind, data) for every event until the job ends: status, progress and preview."""
+        response = self._call("GET", f"/jobs/{job_id}/events", stream=True, timeout=(self.timeout, None))
+        with response:
+            for event in sseclient.SSEClient(response).events():
+                yield event.event, json.loads(event.data)
+
+    def generate(
+        self,
+        image: str | Path | bytes,
+        prompt: str,
+        on_event: Callable[[str, dict], None] | None = None,
+        **fields: object,
+    ) -> tuple[dict, bytes]:
+        """Submit, follow until the job ends, and return (final status, picture); ApiError if it did not succeed."""
+        job = self.submit(image, prompt, **fields)
+        for kind, data in self.events(job["id"]):
+            if on_event is not None:
+                on_event(kind, data)
+            if kind == "status":
+                job = data
+        if job["status"] not in FINISHED:
+            job = self.status(job["id"])
+        if job["status"] != "succeeded":
+            raise ApiError(409, job.get("error") or f"The job was {job['status']}.")
+        return job, self.result(job["id"])
+
+    def _call(self, method: str, path: str, **options) -> requests.Response:
+        options.setdefault("timeout", self.timeout)
+        response = self.session.request(method, f"{self.url}{path}", **options)
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200] or response.reason
+            raise ApiError(response.status_code, message)
+        return response
+
+
+def _form_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.key:
+        print("error: no API key: pass --key or set SD_API_KEY", file=sys.stderr)
+        return 2
+    if args.insecure:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    client = Client(args.url, args.key, verify=False if args.insecure else (args.ca_cert or True))
+    fields = {
+        "negative_prompt": args.negative,
+        "sensitivity": args.sensitivity,
+        "seed": args.seed,
+        "steps": args.steps,
+        "resolution": args.resolution,
+    }
+    with tqdm(total=1, unit="step", disable=args.quiet, desc="queued") as bar:
+
+        def show(kind: str, data: dict) -> None:
+            if kind == "status":
+                bar.set_description(data["status"])
+            if kind in ("status", "progress"):
+                total = data["progress"]["total"] if kind == "status" else data["total"]
+                step = data["progress"]["step"] if kind == "status" else data["step"]
+                bar.total = max(total, 1)
+                bar.n = step
+                bar.refresh()
+
+        try:
+            job, picture = client.generate(args.image, args.prompt, on_event=show, **fields)
+        except (ApiError, requests.RequestException, OSError) as exc:
+            bar.close()
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    extension = ".gif" if job.get("result_type") == "image/gif" else ".png"
+    output = args.output or Path(f"{job['id']}{extension}")
+    output.write_bytes(picture)
+    print(f"saved {output} (job {job['id']}, seed {job['seed']})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--url", default=os.environ.get("SD_API_URL", DEFAULT_URL), help="default: $SD_API_URL")
+    connection.add_argument("--key", default=os.environ.get("SD_API_KEY"), help="default: $SD_API_KEY")
+    trust = connection.add_mutually_exclusive_group()
+    trust.add_argument("--insecure", action="store_true", help="accept any certificate (the self-signed one)")
+    trust.add_argument("--ca-cert", help="trust this certificate file, e.g. the server's ssl_cert/cert.pem")
+    connection.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.client", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser(
+        "generate", parents=[connection], help="generate a picture from IMAGE's edges and PROMPT"
+    )
+    generate.add_argument("image", type=Path)
+    generate.add_argument("prompt")
+    generate.add_argument("--negative", help="negative prompt")
+    generate.add_argument("--sensitivity", type=float, help="ControlNet conditioning scale, 0 to 2")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--steps", type=int)
+    generate.add_argument("--resolution", type=int)
+    generate.add_argument("-o", "--output", type=Path, help="default: <job id>.png")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
