@@ -44,7 +44,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Flask:
     """Build the app; without `worker`, start one that loads the configured model in the background."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         MAX_FORM_MEMORY_SIZE=FORM_OVERHEAD_BYTES,

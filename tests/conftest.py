@@ -33,6 +33,7 @@ def tiny_environment(folder: Path, **overrides: str) -> dict[str, str]:
         "INPUT_DIR": str(folder / "input_images"),
         "OUTPUT_DIR": str(folder / "output_images"),
         "LOG_FILE": str(folder / "api.log"),
+        "JOBS_DB": str(folder / "jobs.sqlite3"),
         "SSL_CERT_FILE": str(folder / "ssl_cert" / "cert.pem"),
         "SSL_KEY_FILE": str(folder / "ssl_cert" / "key.pem"),
         **FAST,
