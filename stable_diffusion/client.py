@@ -39,7 +39,8 @@ class Client:
         self.url, self.timeout = url.rstrip("/"), timeout
         self.session = requests.Session()
         self.session.headers["x-api-key"] = key
-        self.session.verify = verify
+        # Passed with every call: a Session's own `verify` loses to REQUESTS_CA_BUNDLE in the environment.
+        self.verify = verify
 
     def submit(self, image: str | Path | bytes, prompt: str, **fields: object) -> dict:
         """Queue a job; `fields` are /generate's optional fields (negative_prompt, sensitivity, seed, ...)."""
@@ -85,6 +86,7 @@ class Client:
 
     def _call(self, method: str, path: str, **options) -> requests.Response:
         options.setdefault("timeout", self.timeout)
+        options.setdefault("verify", self.verify)
         response = self.session.request(method, f"{self.url}{path}", **options)
         if response.status_code >= 400:
             try:

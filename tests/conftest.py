@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,7 +88,12 @@ class LiveServer:
         self.log = (folder / "server.out").open("wb")
         env = {key: value for key, value in os.environ.items() if key != "API_KEY"} | self.environment
         self.process = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "app.py"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_until_healthy(self, timeout: float = 120) -> None:
@@ -105,6 +111,12 @@ class LiveServer:
 
     def output(self) -> str:
         return (self.folder / "server.out").read_text(errors="replace")
+
+    def kill(self) -> None:
+        """A crash: every process of the server gone at once, with no chance to clean up."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=60)
+        self.log.close()
 
     def stop(self) -> int:
         self.process.terminate()

@@ -124,7 +124,9 @@ def test_the_openapi_document_is_valid_and_covers_every_route(document, app):
         for method in rule.methods - {"HEAD", "OPTIONS"}
         if rule.endpoint.split(".")[0] in ("operations", "images", "jobs") or rule.rule == "/openapi.json"
     }
-    documented = {(path, method) for path, item in document["paths"].items() for method in item if method != "parameters"}
+    documented = {
+        (path, method) for path, item in document["paths"].items() for method in item if method != "parameters"
+    }
     assert routes == documented
 
 

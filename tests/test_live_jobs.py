@@ -1,0 +1,108 @@
+"""Jobs against a real `python app.py` over HTTPS: restarts, and the command-line and Python client."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+
+import requests
+from PIL import Image
+
+from stable_diffusion.client import ApiError, Client
+from stable_diffusion.settings import REPO_ROOT
+from tests.conftest import API_KEY, LiveServer
+from tests.images import png_bytes
+
+
+def wait_for(client: Client, job_id: str, done, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(job := client.status(job_id)):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def test_finished_jobs_survive_a_crash_and_unfinished_ones_come_back_failed(tmp_path):
+    first = LiveServer(tmp_path)
+    try:
+        first.wait_until_healthy()
+        client = Client(first.url, API_KEY, verify=str(first.cert))
+        finished = client.submit(png_bytes(), "a quiet harbour", seed=11)["id"]
+        wait_for(client, finished, lambda job: job["status"] == "succeeded")
+        picture = client.result(finished)
+        interrupted = client.submit(png_bytes(), "a long one", steps=100, resolution=256)["id"]
+        wait_for(client, interrupted, lambda job: job["progress"]["step"] >= 1)
+    finally:
+        first.kill()
+
+    second = LiveServer(tmp_path)
+    try:
+        second.wait_until_healthy()
+        client = Client(second.url, API_KEY, verify=str(second.cert))
+        assert client.status(finished)["status"] == "succeeded"
+        assert client.result(finished) == picture
+        job = client.status(interrupted)
+        assert job["status"] == "failed"
+        assert "stopped before this job finished" in job["error"]
+        assert job["finished_at"] is not None
+    finally:
+        second.stop()
+
+
+def run_client(live_server, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stable_diffusion.client", "generate", *arguments, "--url", live_server.url],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_the_command_line_client_saves_the_picture(live_server, tmp_path):
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    completed = run_client(
+        live_server, str(tmp_path / "in.png"), "a red door", "--key", API_KEY, "--insecure",
+        "--seed", "5", "--negative", "blurry", "--sensitivity", "0.8", "-o", str(tmp_path / "out.png"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "saved" in completed.stdout and "seed 5" in completed.stdout
+    assert "succeeded" in completed.stderr  # the progress bar
+    assert Image.open(tmp_path / "out.png").format == "PNG"
+
+
+def test_the_command_line_client_reports_api_errors(live_server, tmp_path):
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    wrong_key = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", "wrong", "--insecure")
+    assert wrong_key.returncode == 1 and "Invalid API key" in wrong_key.stderr
+    bad_field = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", API_KEY, "--ca-cert",
+                           str(live_server.cert), "--sensitivity", "9")
+    assert bad_field.returncode == 1 and "sensitivity" in bad_field.stderr
+    assert not list(tmp_path.glob("*.png"))[1:]  # nothing saved beside the input
+
+
+def test_the_python_client_follows_the_events_and_can_cancel(live_server):
+    client = Client(live_server.url, API_KEY, verify=str(live_server.cert))
+    events = []
+    job, picture = client.generate(png_bytes(), "wheat", on_event=lambda *event: events.append(event), seed=2)
+    assert job["status"] == "succeeded" and job["seed"] == 2
+    assert Image.open(io.BytesIO(picture)).size == (64, 48)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "status" and "progress" in kinds and "preview" in kinds
+
+    long_job = client.submit(png_bytes(), "slow", steps=100, resolution=256)["id"]
+    wait_for(client, long_job, lambda job: job["status"] == "running")
+    client.cancel(long_job)
+    assert wait_for(client, long_job, lambda job: job["status"] in ("canceled", "failed", "succeeded"))["status"] == (
+        "canceled"
+    )
+    try:
+        client.result(long_job)
+    except ApiError as error:
+        assert error.status == 409
+    else:
+        raise AssertionError("a canceled job has no result")
+
+
+def test_events_over_https_need_the_key(live_server):
+    response = requests.get(f"{live_server.url}/jobs/x/events", verify=str(live_server.cert), timeout=10)
+    assert response.status_code == 401
