@@ -10,6 +10,8 @@ from typing import Literal
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stable_diffusion.api_keys import entry_digest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -68,6 +70,13 @@ class Settings(BaseModel):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_well_formed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            entry_digest(entry)
         return value
 
     @field_validator("max_resolution", "max_steps")
