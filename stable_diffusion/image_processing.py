@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -16,9 +17,10 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "GIF")
 MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}
 FILE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif"}
 
-# Our pixel limit is checked from the header before decoding; Pillow's own bomb check (a process-wide
-# setting) stays at its default as a backstop.
+# Our pixel limit is checked from the header before decoding; Pillow's own bomb check stays as a
+# backstop, its warning made an error so that nothing past it is ever decoded.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
             "image: the file is not a PNG, JPEG or GIF (decided from its content, not its name); "
             "convert it to one of those formats."
         ) from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidField(_too_many_pixels_message(limits)) from None
     except _DECODE_ERRORS:
         raise UnsupportedImage(
@@ -70,7 +72,8 @@ def _decode_checked(image: Image.Image, limits: DecodeLimits) -> DecodedImage:
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise InvalidField(_too_many_pixels_message(limits, width, height))
-    image_format = image.format
+    # A multi-picture JPEG (MPO) is a JPEG to us: its first picture is the main one.
+    image_format = "JPEG" if image.format == "MPO" else image.format
     if image_format != "GIF":
         # Multi-picture JPEGs (MPO) keep only their first, main picture.
         return DecodedImage(image_format, (_upright_rgb(image),), (0,), None)
