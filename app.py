@@ -12,6 +12,7 @@ from logging.handlers import RotatingFileHandler
 
 from flask import Flask, g, jsonify, request
 from flask_cors import CORS
+from flask_limiter import Limiter, RateLimitExceeded
 from gunicorn.app.base import BaseApplication
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -32,6 +33,7 @@ from web.pages import PUBLIC_ENDPOINTS as PAGES
 from web.pages import pages
 
 PUBLIC_ENDPOINTS = {"operations.health", *PAGES}
+RATE_LIMITED_ENDPOINTS = {"images.generate", "images.preprocess", "jobs.submit"}
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
 # The most of a refused body that is read and thrown away before answering 413.
@@ -49,7 +51,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         MAX_FORM_MEMORY_SIZE=FORM_OVERHEAD_BYTES,
         MAX_FORM_PARTS=64,
     )
-    worker = worker or GenerationWorker(lambda: PipelineService(load_pipelines(settings)), settings.queue_size)
+    worker = worker or start_worker(settings)
     for directory in (settings.input_dir, settings.output_dir):
         directory.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)
@@ -63,6 +65,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
     )
     _init_request_log(app, settings)
     _init_auth(app, settings)
+    _init_rate_limit(app, settings)
     _init_errors(app)
     app.extensions["metrics"] = Metrics(app, store)
     CORS(
@@ -75,6 +78,16 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
     for blueprint in (operations, images, jobs, pages):
         app.register_blueprint(blueprint)
     return app
+
+
+def start_worker(settings: Settings, on_load_failed=None) -> GenerationWorker:
+    """The worker for the configured model; it loads the model on its own thread."""
+    return GenerationWorker(
+        lambda: PipelineService(load_pipelines(settings)),
+        settings.queue_size,
+        on_load_failed=on_load_failed,
+        max_per_owner=settings.max_queued_per_key,
+    )
 
 
 def _init_request_log(app: Flask, settings: Settings) -> None:
@@ -126,6 +139,33 @@ def _init_auth(app: Flask, settings: Settings) -> None:
             raise Unauthorized("Invalid API key: check the x-api-key header.")
         # Jobs belong to a key; they are filed under its hash, never the key itself.
         g.owner = digest(given_bytes).hex()
+
+
+def _init_rate_limit(app: Flask, settings: Settings) -> None:
+    """Requests per minute per key, across the endpoints that make work; counted after auth."""
+    if not settings.rate_limit_per_minute:
+        return
+    per_minute = settings.rate_limit_per_minute
+
+    @app.errorhandler(RateLimitExceeded)
+    def refuse(error: RateLimitExceeded):
+        response = error.get_response()
+        response.data = jsonify(
+            error=f"Too many requests: this API key may make {per_minute} per minute to /generate, /jobs and "
+            "/preprocess (RATE_LIMIT_PER_MINUTE); retry after the number of seconds in Retry-After."
+        ).get_data()
+        response.content_type = "application/json"
+        return response
+
+    Limiter(
+        key_func=lambda: g.owner,
+        app=app,
+        application_limits=[f"{per_minute}/minute"],
+        application_limits_exempt_when=lambda: request.endpoint not in RATE_LIMITED_ENDPOINTS,
+        storage_uri="memory://",
+        strategy="moving-window",
+        headers_enabled=True,
+    )
 
 
 def _header_bytes(value: str) -> bytes:
@@ -224,12 +264,7 @@ class GunicornServer(BaseApplication):
 
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
-        worker = GenerationWorker(
-            lambda: PipelineService(load_pipelines(self.settings)),
-            self.settings.queue_size,
-            on_load_failed=_stop_serving,
-        )
-        return create_app(self.settings, worker)
+        return create_app(self.settings, start_worker(self.settings, on_load_failed=_stop_serving))
 
 
 def _stop_serving(error: Exception) -> None:

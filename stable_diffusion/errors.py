@@ -30,6 +30,10 @@ class UnsupportedImage(ServiceError):
     status = 415
 
 
+class TooManyRequests(ServiceError):
+    status = 429
+
+
 class QueueFull(ServiceError):
     status = 503
 

@@ -191,7 +191,7 @@ class JobManager:
         self.store.add(job)
         with self._changed:
             try:
-                future = self.worker.submit(request, partial(self._on_step, job.id))
+                future = self.worker.submit(request, partial(self._on_step, job.id), owner=owner)
             except ServiceError:
                 self.store.delete(job.id)
                 raise

@@ -54,6 +54,10 @@ class Settings(BaseModel):
     max_prompt_chars: int = Field(1000, alias="MAX_PROMPT_CHARS", ge=1, le=100_000)
 
     queue_size: int = Field(16, alias="QUEUE_SIZE", ge=1, le=10_000)
+    # Per API key: requests queued or running at once, and requests per minute to the endpoints that
+    # make work (/generate, /jobs, /preprocess); 0 turns the rate limit off.
+    max_queued_per_key: int = Field(8, alias="MAX_QUEUED_PER_KEY", ge=1, le=10_000)
+    rate_limit_per_minute: int = Field(120, alias="RATE_LIMIT_PER_MINUTE", ge=0, le=1_000_000)
     generation_timeout_s: float = Field(600.0, alias="GENERATION_TIMEOUT_S", gt=0)
 
     jobs_db: Path = Field(REPO_ROOT / "jobs.sqlite3", alias="JOBS_DB")

@@ -11,6 +11,7 @@ import logging
 import math
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -22,6 +23,7 @@ from stable_diffusion.errors import (
     GenerationOutOfMemory,
     ModelNotReady,
     QueueFull,
+    TooManyRequests,
 )
 from stable_diffusion.pipeline_service import (
     GenerationRequest,
@@ -45,6 +47,7 @@ class GenerationWorker:
         load: Callable[[], PipelineService],
         queue_size: int,
         on_load_failed: Callable[[Exception], None] | None = None,
+        max_per_owner: int | None = None,
     ) -> None:
         self.state = "loading"
         self.load_error: Exception | None = None
@@ -53,6 +56,10 @@ class GenerationWorker:
         self._loaded = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._observers: list[ResultObserver] = []
+        # Queued or running requests per owner (API key), so that one client cannot fill the queue.
+        self._max_per_owner = max_per_owner or queue_size + 1
+        self._per_owner: Counter[str] = Counter()
+        self._owners_lock = threading.Lock()
         self._average_seconds = 1.0
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
@@ -83,21 +90,38 @@ class GenerationWorker:
         self._observers.append(observer)
 
     def submit(
-        self, request: GenerationRequest, on_step: ProgressCallback | None = None
+        self, request: GenerationRequest, on_step: ProgressCallback | None = None, owner: str = ""
     ) -> Future[GenerationResult]:
-        """Queue a request (also while the model loads); raises QueueFull at once rather than waiting for room."""
+        """Queue a request (also while the model loads). Raises at once rather than waiting for room:
+        QueueFull when the queue is full, TooManyRequests when `owner` already has its share in it."""
         if self.state in ("failed", "stopped"):
             raise ModelNotReady(f"The generation worker is {self.state}; the server cannot take work now.")
         future: Future[GenerationResult] = Future()
-        try:
-            self._queue.put_nowait((request, on_step, future))
-        except queue.Full:
-            wait = max(1, math.ceil(self._average_seconds * self._queue.maxsize))
-            raise QueueFull(
-                f"The generation queue is full ({self._queue.maxsize} waiting); retry in about {wait} s.",
-                retry_after=wait,
-            ) from None
+        with self._owners_lock:
+            if self._per_owner[owner] >= self._max_per_owner:
+                wait = max(1, math.ceil(self._average_seconds))
+                raise TooManyRequests(
+                    f"This API key already has {self._per_owner[owner]} requests queued or running, the most "
+                    f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
+                    retry_after=wait,
+                )
+            try:
+                self._queue.put_nowait((request, on_step, future))
+            except queue.Full:
+                wait = max(1, math.ceil(self._average_seconds * self._queue.maxsize))
+                raise QueueFull(
+                    f"The generation queue is full ({self._queue.maxsize} waiting); retry in about {wait} s.",
+                    retry_after=wait,
+                ) from None
+            self._per_owner[owner] += 1
+        future.add_done_callback(lambda _: self._release(owner))
         return future
+
+    def _release(self, owner: str) -> None:
+        with self._owners_lock:
+            self._per_owner[owner] -= 1
+            if not self._per_owner[owner]:
+                del self._per_owner[owner]
 
     def position(self, future: Future) -> int | None:
         """How many requests wait ahead of `future` (0: next), or None once it left the queue."""

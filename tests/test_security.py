@@ -108,8 +108,8 @@ def test_no_key_appears_in_any_response_or_log(live_server):
             ("POST", "/jobs", {"image": ("p.png", png_bytes())}),
         ]:
             response = requests.request(
-                method, f"{live_server.url}{path}", headers=headers, files=files, data={"prompt": "x"} if files else None,
-                verify=str(live_server.cert), timeout=60,
+                method, f"{live_server.url}{path}", headers=headers, files=files,
+                data={"prompt": "x"} if files else None, verify=str(live_server.cert), timeout=60,
             )
             seen.append(str(response.headers) + response.content.decode("latin-1"))
     written = [live_server.output(), (live_server.folder / "api.log").read_text()]

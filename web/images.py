@@ -53,7 +53,7 @@ def generate():
     upload = decode_upload(data, current_app.extensions["decode_limits"])
     generation = build_request(g.request_id, fields, upload)
     g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
-    future = worker.submit(generation)
+    future = worker.submit(generation, owner=g.owner)
     stem = new_file_stem()
     write_atomically(settings.input_dir / f"{stem}.{FILE_EXTENSIONS[upload.format]}", data)
     try:

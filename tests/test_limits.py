@@ -1,0 +1,69 @@
+"""Per-key rate limits and per-key queue caps: one client cannot crowd out the others."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from stable_diffusion.settings import Settings
+from stable_diffusion.worker import GenerationWorker
+from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from tests.doubles import Gated
+from tests.images import png_bytes
+from tests.test_generate_api import assert_error, post_generate
+from tests.test_jobs import submit, wait_for
+
+KEY, OTHER = {"x-api-key": API_KEY}, {"x-api-key": SECOND_KEY}
+
+
+def preprocess(client, headers=KEY):
+    data = {"image": (__import__("io").BytesIO(png_bytes()), "p.png")}
+    return client.post("/preprocess", headers=headers, data=data, content_type="multipart/form-data")
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(worker, tmp_path):
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, RATE_LIMIT_PER_MINUTE="3"))
+    client = create_app(settings, worker).test_client()
+    for _ in range(3):
+        assert preprocess(client).status_code == 200
+    refused = preprocess(client)
+    assert_error(refused, 429, "3 per minute", "RATE_LIMIT_PER_MINUTE")
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # The limit spans the endpoints that make work, and reading is never limited.
+    assert_error(post_generate(client, png_bytes()), 429, "Too many requests")
+    assert client.get("/ready", headers=KEY).status_code == 200
+    assert preprocess(client, OTHER).status_code == 200
+
+
+def test_rate_limit_zero_turns_it_off(worker, tmp_path):
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, RATE_LIMIT_PER_MINUTE="0"))
+    client = create_app(settings, worker).test_client()
+    assert all(preprocess(client).status_code == 200 for _ in range(10))
+
+
+@pytest.fixture
+def capped(pipeline_service, tmp_path):
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, QUEUE_SIZE="6"))
+    service = Gated(pipeline_service)
+    worker = GenerationWorker(lambda: service, settings.queue_size, max_per_owner=2)
+    yield create_app(settings, worker).test_client(), service
+    service.open()
+    worker.close(timeout=60)
+
+
+def test_one_key_cannot_fill_the_queue_for_everyone(capped):
+    client, service = capped
+    mine = [submit(client).get_json()["id"] for _ in range(2)]
+    assert service.started.wait(30)
+    refused = submit(client)
+    assert_error(refused, 429, "already has 2 requests queued or running", "MAX_QUEUED_PER_KEY")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert_error(post_generate(client, png_bytes()), 429, "MAX_QUEUED_PER_KEY")
+    theirs = submit(client, headers=OTHER)
+    assert theirs.status_code == 202
+    service.open()
+    for job_id in mine:
+        wait_for(client, job_id, "succeeded")
+    wait_for(client, theirs.get_json()["id"], "succeeded", headers=OTHER)
+    # Once the key's work is done, it may queue again.
+    assert submit(client).status_code == 202
