@@ -250,7 +250,9 @@ class GunicornServer(BaseApplication):
             "threads": settings.http_threads,
             # Outlast model loading and the longest generation.
             "timeout": int(settings.generation_timeout_s) + 300,
-            "graceful_timeout": 60,
+            # On SIGTERM: stop accepting, let in-flight requests and queued work finish for this long.
+            "graceful_timeout": int(settings.shutdown_grace_s),
+            "worker_exit": _finish_work,
             "errorlog": "-",
             "accesslog": None,
             "control_socket_disable": True,
@@ -265,6 +267,17 @@ class GunicornServer(BaseApplication):
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
         return create_app(self.settings, start_worker(self.settings, on_load_failed=_stop_serving))
+
+
+def _finish_work(server, worker) -> None:
+    """gunicorn's last call in the worker process, once in-flight requests are answered: finish the
+    generations still queued (jobs), within what is left of the grace period, and save their results."""
+    app = getattr(worker, "wsgi", None)
+    if not isinstance(app, Flask):
+        return
+    grace = app.extensions["settings"].shutdown_grace_s
+    app.extensions["worker"].close(timeout=max(1.0, grace - 5))
+    app.extensions["jobs"].close()
 
 
 def _stop_serving(error: Exception) -> None:

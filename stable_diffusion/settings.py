@@ -59,6 +59,7 @@ class Settings(BaseModel):
     max_queued_per_key: int = Field(8, alias="MAX_QUEUED_PER_KEY", ge=1, le=10_000)
     rate_limit_per_minute: int = Field(120, alias="RATE_LIMIT_PER_MINUTE", ge=0, le=1_000_000)
     generation_timeout_s: float = Field(600.0, alias="GENERATION_TIMEOUT_S", gt=0)
+    shutdown_grace_s: float = Field(60.0, alias="SHUTDOWN_GRACE_S", gt=0, le=3600)
 
     jobs_db: Path = Field(REPO_ROOT / "jobs.sqlite3", alias="JOBS_DB")
     job_retention_s: float = Field(7 * 24 * 3600, alias="JOB_RETENTION_S", gt=0)

@@ -17,6 +17,7 @@ from stable_diffusion.pipeline_service import PipelineService
 from stable_diffusion.settings import Settings
 from stable_diffusion.worker import GenerationWorker
 from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
 
 KEY = {"x-api-key": API_KEY}
@@ -266,6 +267,7 @@ def test_failed_generation_is_json_and_the_next_request_succeeds(pipeline_servic
         assert "/secret/path" not in failed.get_data(as_text=True)
         assert failed.headers["X-Request-ID"] in failed.get_json()["error"] or status == 503
         assert post_generate(client, png_bytes()).status_code == 200
+        record(faults_injected=1, faults_survived=1)
     finally:
         worker.close(timeout=60)
 

@@ -1,0 +1,158 @@
+"""Faults injected for real: a full disk, clients that hang up, and SIGTERM in the middle of work."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from app import create_app
+from stable_diffusion.settings import Settings
+from tests.conftest import API_KEY, LiveServer, tiny_environment
+from tests.figures import record
+from tests.images import png_bytes
+from tests.test_generate_api import assert_error, files_in, post_generate
+from tests.test_jobs import submit, wait_for
+
+KEY = {"x-api-key": API_KEY}
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KB tmpfs filled to the last byte (needs root to mount, as CI has)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    filler = folder / "filler"
+    try:
+        with filler.open("wb") as handle:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+    except OSError:
+        pass
+    yield folder, filler
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_507_json_with_no_partial_file_and_then_recovers(worker, tmp_path, full_disk):
+    folder, filler = full_disk
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, OUTPUT_DIR=str(folder)))
+    client = create_app(settings, worker).test_client()
+    assert_error(post_generate(client, png_bytes()), 507, "disk is full", "Retry later")
+    job = wait_for(client, submit(client).get_json()["id"], "failed")
+    assert "disk is full" in job["error"]
+    assert files_in(folder) == ["filler"]
+    filler.unlink()
+    assert post_generate(client, png_bytes()).status_code == 200
+    record(faults_injected=2, faults_survived=2)
+
+
+def send_and_hang_up(server: LiveServer, body_fields: dict) -> None:
+    """A whole /generate request over TLS, then the connection closed without reading the answer."""
+    boundary = "hangup-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode() + png_bytes() + b"\r\n"
+    ]
+    for name, value in body_fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {API_KEY}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, context.wrap_socket(raw) as tls:
+        tls.sendall(head + body)
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = LiveServer(tmp_path_factory.mktemp("faults"))
+    server.wait_until_healthy()
+    yield server
+    server.stop()
+
+
+def test_clients_that_hang_up_do_not_hurt_the_worker(server):
+    for _ in range(3):
+        send_and_hang_up(server, {"prompt": "gone", "steps": "30", "resolution": "256"})
+    events = requests.get(
+        f"{server.url}/jobs/{_job(server)}/events", headers=KEY, verify=str(server.cert), stream=True, timeout=30
+    )
+    next(events.iter_lines())
+    events.close()  # a watcher leaving mid-stream
+    response = requests.post(
+        f"{server.url}/generate", headers=KEY, files={"image": ("p.png", png_bytes())}, data={"prompt": "still here"},
+        verify=str(server.cert), timeout=120,
+    )
+    assert response.status_code == 200
+    assert "Traceback" not in server.output()
+    record(faults_injected=4, faults_survived=4)
+
+
+def _job(server: LiveServer) -> str:
+    response = requests.post(
+        f"{server.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
+        data={"prompt": "watched", "steps": "30", "resolution": "256"}, verify=str(server.cert), timeout=30,
+    )
+    return response.json()["id"]
+
+
+def test_sigterm_stops_accepting_finishes_work_in_flight_and_exits_0(tmp_path):
+    server = LiveServer(tmp_path, SHUTDOWN_GRACE_S="60")
+    server.wait_until_healthy()
+    verify = str(server.cert)
+    job = requests.post(
+        f"{server.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
+        data={"prompt": "long", "steps": "40", "resolution": "256"}, verify=verify, timeout=30,
+    ).json()["id"]
+    while requests.get(f"{server.url}/jobs/{job}", headers=KEY, verify=verify, timeout=10).json()["status"] != "running":
+        time.sleep(0.05)
+    answers = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(
+                f"{server.url}/generate", headers=KEY, files={"image": ("p.png", png_bytes())},
+                data={"prompt": "in flight", "steps": "20", "resolution": "256"}, verify=verify, timeout=120,
+            )
+        )
+    )
+    waiting.start()
+    time.sleep(0.5)  # the request is in, waiting behind the job
+    server.process.send_signal(signal.SIGTERM)
+    refused_within = None
+    for attempt in range(10):  # gunicorn's loop notices the signal within a second and closes the socket
+        try:
+            requests.get(f"{server.url}/health", verify=verify, timeout=0.5)
+        except requests.ConnectionError:
+            refused_within = attempt * 0.5
+            break
+        except requests.Timeout:
+            pass
+        time.sleep(0.5)
+    assert refused_within is not None, "the server still accepted connections 5 s after SIGTERM"
+    assert server.process.wait(timeout=90) == 0
+    waiting.join(timeout=10)
+    assert answers and answers[0].status_code == 200 and answers[0].headers["Content-Type"] == "image/png"
+    server.log.close()
+
+    again = LiveServer(tmp_path)
+    try:
+        again.wait_until_healthy()
+        finished = requests.get(f"{again.url}/jobs/{job}", headers=KEY, verify=verify, timeout=10).json()
+        assert finished["status"] == "succeeded", finished
+    finally:
+        again.stop()
+    record(faults_injected=1, faults_survived=1)
