@@ -118,7 +118,8 @@ def test_sigterm_stops_accepting_finishes_work_in_flight_and_exits_0(tmp_path):
         f"{server.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
         data={"prompt": "long", "steps": "40", "resolution": "256"}, verify=verify, timeout=30,
     ).json()["id"]
-    while requests.get(f"{server.url}/jobs/{job}", headers=KEY, verify=verify, timeout=10).json()["status"] != "running":
+    status_url = f"{server.url}/jobs/{job}"
+    while requests.get(status_url, headers=KEY, verify=verify, timeout=10).json()["status"] != "running":
         time.sleep(0.05)
     answers = []
     waiting = threading.Thread(
