@@ -4,7 +4,15 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.pipeline_service import SCHEDULERS
@@ -78,7 +86,7 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
         scheduler: Literal[tuple(SCHEDULERS)] = Field(
             "unipc", description=f"the sampler, one of {', '.join(SCHEDULERS)}"
         )
-        progress_gif: bool = Field(
+        progress_gif: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
             False, description="true or false: return an animated GIF of the denoising instead of the PNG"
         )
 
@@ -87,6 +95,15 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
             return _require_below(self, "control_start", "control_end")
 
     return GenerateFields
+
+
+def _true_or_false(value: object) -> object:
+    """Only the words the documentation promises; pydantic alone would also take 0, 1, yes, off..."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value.strip().lower() == "true"
+    return value
 
 
 def _require_below(fields: BaseModel, lower: str, upper: str) -> BaseModel:

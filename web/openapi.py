@@ -12,12 +12,13 @@ ERROR_STATUSES = {
     "409": "The job is not in a state that allows this",
     "413": "The upload or the request is over its size limit",
     "415": "The image is not a PNG, JPEG or GIF, or cannot be decoded",
+    "429": "This key is over its rate limit or its share of the queue; see Retry-After",
     "500": "Generation failed; the message carries a request id to look up in the server log",
     "503": "The queue is full, the model is not ready, or the GPU ran out of memory; see Retry-After",
     "504": "The result did not come within GENERATION_TIMEOUT_S",
     "507": "The server's disk is full",
 }
-IMAGE_ERRORS = ("400", "401", "413", "415")
+IMAGE_ERRORS = ("400", "401", "413", "415", "429")
 GENERATION_ERRORS = (*IMAGE_ERRORS, "500", "503", "507")
 
 
@@ -113,7 +114,7 @@ def build_document(app: Flask) -> dict:
                 "get": _operation(
                     "Server-Sent Events: status, progress and preview (a PNG data URL, at most once a second); "
                     "the stream ends after the job's last status",
-                    {"200": _text("An event stream", "text/event-stream")},
+                    {"200": _events()},
                     "401", "404",
                 ),
             },
@@ -184,6 +185,19 @@ def _job_schema() -> dict:
         },
         "id", "status", "progress", "seed", "created_at", "status_url", "result_url", "events_url",
     )
+
+
+def _events() -> dict:
+    """Each event: its kind, and one JSON object as data (the job for status; id and step otherwise)."""
+    event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["status", "progress", "preview"]},
+            "data": {"type": "string", "description": "a JSON object"},
+        },
+    }
+    return {"description": "An event stream", "content": {"text/event-stream": {"schema": event}}}
 
 
 def _object(properties: dict, *required: str) -> dict:
