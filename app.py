@@ -158,10 +158,13 @@ def _init_rate_limit(app: Flask, settings: Settings) -> None:
         return response
 
     Limiter(
-        key_func=lambda: g.owner,
+        # Preflights reach here without a key (and are exempt); everything else has passed auth.
+        key_func=lambda: g.get("owner", ""),
         app=app,
         application_limits=[f"{per_minute}/minute"],
-        application_limits_exempt_when=lambda: request.endpoint not in RATE_LIMITED_ENDPOINTS,
+        application_limits_exempt_when=lambda: (
+            request.endpoint not in RATE_LIMITED_ENDPOINTS or request.method == "OPTIONS"
+        ),
         storage_uri="memory://",
         strategy="moving-window",
         headers_enabled=True,

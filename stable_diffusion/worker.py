@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class GenerationWorker:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._observers: list[ResultObserver] = []
         # Queued or running requests per owner (API key), so that one client cannot fill the queue.
-        self._max_per_owner = max_per_owner or queue_size + 1
+        self._max_per_owner = max_per_owner or sys.maxsize
         self._per_owner: Counter[str] = Counter()
         self._owners_lock = threading.Lock()
         self._average_seconds = 1.0

@@ -23,7 +23,7 @@ BOUND_S = 30
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("hostile"))
+    server = LiveServer(tmp_path_factory.mktemp("hostile"), RATE_LIMIT_PER_MINUTE="0")
     server.wait_until_healthy()
     yield server
     server.stop()
