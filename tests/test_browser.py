@@ -18,7 +18,8 @@ from tests.images import png_bytes
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(live_server):
+    """Depends on the server so that the browser, with its open connections, quits before it stops."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         subprocess.run([REPO_ROOT / "scripts" / "install_chromium.sh"], check=True)
     options = webdriver.ChromeOptions()

@@ -3,6 +3,7 @@ document, every check on but two that cannot apply here (see EXCLUDED)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stable_diffusion.settings import REPO_ROOT
 from tests.conftest import API_KEY, LiveServer
 from tests.figures import record
 
@@ -52,11 +54,13 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
         "--exclude-checks", ",".join(EXCLUDED),
         "--max-examples", "30",
         "--seed", "1",
+        "--generation-deterministic",
         "--request-timeout", "120",
         "--max-response-time", "120",
         "--no-color",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    environment = os.environ | {"SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=environment)
     output = completed.stdout + completed.stderr
     generated = re.search(r"(\d+) generated", output)
     failures = re.search(r"(\d+) found (\d+) unique failures?", output)
