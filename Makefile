@@ -30,3 +30,4 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/http_overhead.py
+	$(BIN)/python bench/throughput.py

@@ -149,16 +149,25 @@ def main() -> None:
 
 
 def record(table: str, runs: int) -> None:
-    machine = (
+    work = (
+        "384x256 PNG upload, resolution 256, 20 steps, refinement 0.3, seed 1; "
+        f"{runs} timed runs of each, alternating, after one warm-up each"
+    )
+    record_entry("HTTP overhead, tiny model on CPU", f"python bench/http_overhead.py --runs {runs}", work, table)
+
+
+def machine_line() -> str:
+    return (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
+
+
+def record_entry(title: str, command: str, work: str, table: str) -> None:
+    """Append a dated entry to docs/BENCHMARKS.md."""
     entry = (
-        f"\n## HTTP overhead, tiny model on CPU: {date.today().isoformat()}\n\n"
-        f"- Command: `python bench/http_overhead.py --runs {runs}`\n"
-        f"- Machine: {machine}\n"
-        f"- Work: 384x256 PNG upload, resolution 256, 20 steps, refinement 0.3, seed 1; "
-        f"{runs} timed runs of each, alternating, after one warm-up each\n\n{table}\n"
+        f"\n## {title}: {date.today().isoformat()}\n\n"
+        f"- Command: `{command}`\n- Machine: {machine_line()}\n- Work: {work}\n\n{table}\n"
     )
     path = REPO_ROOT / "docs" / "BENCHMARKS.md"
     if not path.exists():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_initialization import Pipelines
 
 SCHEDULERS = {
@@ -26,8 +27,9 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, "Euler"),
     "ddim": (DDIMScheduler, "DDIM"),
 }
-# Animated GIF frames go through the pipeline this many at a time.
-FRAME_BATCH_SIZE = 4
+# Guidance is applied per sample by a hook on the UNet; the pipeline runs with this scale, which only
+# needs to be above 1 for it to compute both the conditional and the unconditional prediction.
+PIPELINE_GUIDANCE = 2.0
 
 # Called with (steps done, total steps, preview): once with 0 when the run starts, then after every
 # denoising step. `preview()` decodes the first picture of the batch as it looks now (None at 0).
@@ -73,14 +75,16 @@ class GenerationResult:
 
 
 class PipelineService:
-    """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run`."""
+    """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run` and `run_batch`."""
 
-    def __init__(self, pipelines: Pipelines) -> None:
+    def __init__(self, pipelines: Pipelines, max_batch: int = 8) -> None:
         self.pipelines = pipelines
+        self.max_batch = max_batch
         self._schedulers = {
             name: cls.from_config(pipelines.generate.scheduler.config)
             for name, (cls, _) in SCHEDULERS.items()
         }
+        self._per_sample = _PerSampleControls(pipelines)
 
     @property
     def model_name(self) -> str:
@@ -93,89 +97,213 @@ class PipelineService:
             "device": str(self.pipelines.device),
             "dtype": str(self.pipelines.dtype).removeprefix("torch."),
             "schedulers": list(SCHEDULERS),
+            "max_batch": self.max_batch,
         }
 
     def run(self, request: GenerationRequest, on_step: ProgressCallback | None = None) -> GenerationResult:
+        outcome = self.run_batch([request], [on_step])[0]
+        if isinstance(outcome, GenerationCanceled):
+            raise outcome
+        return outcome
+
+    def run_batch(
+        self, requests: list[GenerationRequest], on_steps: list[ProgressCallback | None]
+    ) -> list[GenerationResult | GenerationCanceled]:
+        """Generate for requests that share size, steps and sampler, in denoising runs of at most
+        `max_batch` pictures (GIF frames count one each). Every request keeps its own prompts, seed,
+        guidance, ControlNet weight and window, and refine strength. A request whose `on_step` raises
+        GenerationCanceled drops out; its entry in the answer is that exception."""
         started = time.perf_counter()
         # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it.
-        _check_request(request)
-        batches = math.ceil(len(request.control_images) / FRAME_BATCH_SIZE)
-        progress = _StepCounter((request.steps + request.refine_steps) * batches, on_step, request.progress_gif)
+        _check_batch(requests)
+        samples = [
+            _Sample(index, request, image)
+            for index, request in enumerate(requests)
+            for image in request.control_images
+        ]
+        chunks = [samples[first : first + self.max_batch] for first in range(0, len(samples), self.max_batch)]
+        progress = _BatchProgress(requests, on_steps, chunks)
         progress.start()
 
         # 2. Choose the sampler, shared by both passes.
-        scheduler = self._schedulers[request.scheduler]
+        scheduler = self._schedulers[requests[0].scheduler]
         self.pipelines.generate.scheduler = scheduler
         self.pipelines.refine.scheduler = scheduler
 
-        images: list[Image.Image] = []
-        for first in range(0, len(request.control_images), FRAME_BATCH_SIZE):
-            batch = list(request.control_images[first : first + FRAME_BATCH_SIZE])
-            # 3. Seed the noise on the CPU so a seed gives the same picture on every device;
-            #    every frame of a GIF gets the same seed, so the frames share their noise.
-            generators = [torch.Generator("cpu").manual_seed(request.seed) for _ in batch]
-            # 4. Generate, following the edge map.
-            generated = self._generate(request, batch, generators, progress)
-            # 5. Refine: a low-strength img2img pass over the result, guided by the same edges.
-            if request.refine_steps:
-                generators = [torch.Generator("cpu").manual_seed(request.seed) for _ in batch]
-                generated = self._refine(request, batch, generated, generators, progress)
-            images.extend(generated)
-        return GenerationResult(tuple(images), time.perf_counter() - started, tuple(progress.previews))
+        images: list[list[Image.Image]] = [[] for _ in requests]
+        for chunk in chunks:
+            chunk = [sample for sample in chunk if sample.index not in progress.canceled]
+            if not chunk:
+                continue
+            try:
+                # 3. Generate, following each sample's edge map.
+                generated = self._generate(chunk, progress)
+                # 4. Refine: a low-strength img2img pass over the result, guided by the same edges. Its
+                #    strength sets where its schedule starts, so samples refine in groups of one strength.
+                for group in _by_refine_steps(chunk):
+                    refined = self._refine([chunk[i] for i in group], [generated[i] for i in group], progress)
+                    for i, image in zip(group, refined, strict=True):
+                        generated[i] = image
+            except GenerationCanceled:
+                continue  # every sample of this run was canceled
+            for sample, image in zip(chunk, generated, strict=True):
+                images[sample.index].append(image)
+        seconds = time.perf_counter() - started
+        return [
+            progress.canceled.get(index)
+            or GenerationResult(tuple(images[index]), seconds, tuple(progress.previews[index]))
+            for index in range(len(requests))
+        ]
 
-    def _generate(self, request, control_images, generators, progress) -> list[Image.Image]:
-        width, height = request.size
-        return self.pipelines.generate(
-            image=control_images,
-            width=width,
-            height=height,
-            **_shared_arguments(request, len(control_images), generators, progress),
-        ).images
+    def _generate(self, samples: list[_Sample], progress: _BatchProgress) -> list[Image.Image]:
+        width, height = samples[0].request.size
+        steps = samples[0].request.steps
+        with self._per_sample.applied([sample.request for sample in samples], steps):
+            return self.pipelines.generate(
+                image=[sample.control_image for sample in samples],
+                width=width,
+                height=height,
+                **_shared_arguments(samples, progress),
+            ).images
 
-    def _refine(self, request, control_images, images, generators, progress) -> list[Image.Image]:
-        return self.pipelines.refine(
-            image=images,
-            control_image=control_images,
-            strength=request.refine_strength,
-            **_shared_arguments(request, len(control_images), generators, progress),
-        ).images
+    def _refine(self, samples: list[_Sample], images: list[Image.Image], progress) -> list[Image.Image]:
+        if not samples[0].request.refine_steps:
+            return images
+        with self._per_sample.applied([sample.request for sample in samples], samples[0].request.refine_steps):
+            return self.pipelines.refine(
+                image=images,
+                control_image=[sample.control_image for sample in samples],
+                strength=samples[0].request.refine_strength,
+                **_shared_arguments(samples, progress),
+            ).images
 
 
-def _shared_arguments(request: GenerationRequest, batch_size: int, generators, progress) -> dict:
-    """What both passes take alike: prompts, guidance, ControlNet weighting, seeds, the step callback."""
+@dataclass(frozen=True)
+class _Sample:
+    """One picture to make: a still image, or one frame of a GIF; `index` is its request's place."""
+
+    index: int
+    request: GenerationRequest
+    control_image: Image.Image
+
+
+def _by_refine_steps(samples: list[_Sample]) -> list[list[int]]:
+    groups: dict[float, list[int]] = {}
+    for position, sample in enumerate(samples):
+        groups.setdefault(sample.request.refine_strength, []).append(position)
+    return list(groups.values())
+
+
+def _shared_arguments(samples: list[_Sample], progress: _BatchProgress) -> dict:
+    """What both passes take alike. Guidance and ControlNet weighting are set per sample by
+    `_PerSampleControls`, so the pipeline gets neutral values here."""
     return {
-        "prompt": [request.prompt] * batch_size,
-        "negative_prompt": [request.negative_prompt] * batch_size,
-        "num_inference_steps": request.steps,
-        "guidance_scale": float(request.guidance_scale),
-        "controlnet_conditioning_scale": float(request.sensitivity),
-        "control_guidance_start": float(request.control_start),
-        "control_guidance_end": float(request.control_end),
-        "generator": generators,
-        "callback_on_step_end": progress.callback,
+        "prompt": [sample.request.prompt for sample in samples],
+        "negative_prompt": [sample.request.negative_prompt for sample in samples],
+        "num_inference_steps": samples[0].request.steps,
+        "guidance_scale": PIPELINE_GUIDANCE,
+        "controlnet_conditioning_scale": 1.0,
+        "control_guidance_start": 0.0,
+        "control_guidance_end": 1.0,
+        # Seeded on the CPU so that a seed gives the same picture on every device; every frame of a GIF
+        # gets its request's seed, so the frames share their noise.
+        "generator": [torch.Generator("cpu").manual_seed(sample.request.seed) for sample in samples],
+        "callback_on_step_end": progress.callback_for(samples),
     }
 
 
-class _StepCounter:
-    """Turns diffusers' per-pass step callbacks into one running count across passes and batches."""
+class _PerSampleControls:
+    """diffusers' pipelines take one guidance scale and one ControlNet weight and window for a whole
+    batch; forward hooks on the (shared) UNet and ControlNet give every sample its own, as tensors."""
 
-    def __init__(self, total: int, on_step: ProgressCallback | None, keep_previews: bool) -> None:
-        self.total, self.on_step, self.done = total, on_step, 0
-        self.keep_previews = keep_previews
-        self.previews: list[Image.Image] = []
+    def __init__(self, pipelines: Pipelines) -> None:
+        self._requests: list[GenerationRequest] | None = None
+        self._steps = self._step = 0
+        pipelines.generate.controlnet.register_forward_hook(self._weigh_controlnet)
+        pipelines.generate.unet.register_forward_hook(self._guide)
+
+    @contextmanager
+    def applied(self, requests: list[GenerationRequest], steps: int):
+        self._requests, self._steps, self._step = requests, steps, 0
+        try:
+            yield
+        finally:
+            self._requests = None
+
+    def _weigh_controlnet(self, module, args, output):
+        if self._requests is None:
+            return output
+        step, steps = self._step, self._steps
+        self._step += 1
+        weights = [
+            0.0 if step / steps < r.control_start or (step + 1) / steps > r.control_end else r.sensitivity
+            for r in self._requests
+        ]
+        down, mid = output
+        # The batch is [unconditional..., conditional...]: both halves get a sample's weight.
+        scale = torch.tensor(weights * 2, dtype=mid.dtype, device=mid.device).view(-1, 1, 1, 1)
+        return [residual * scale for residual in down], mid * scale
+
+    def _guide(self, module, args, output):
+        if self._requests is None:
+            return output
+        noise = output[0]
+        unconditional, conditional = noise.chunk(2)
+        # The pipeline then computes u + PIPELINE_GUIDANCE * (c' - u), which is u + g * (c - u).
+        ratio = torch.tensor(
+            [r.guidance_scale / PIPELINE_GUIDANCE for r in self._requests], dtype=noise.dtype, device=noise.device
+        ).view(-1, 1, 1, 1)
+        guided = unconditional + ratio * (conditional - unconditional)
+        return (torch.cat([unconditional, guided]), *output[1:])
+
+
+class _BatchProgress:
+    """Per-request step counts, previews and cancellations across the runs and passes of a batch."""
+
+    def __init__(
+        self, requests: list[GenerationRequest], on_steps: list[ProgressCallback | None], chunks: list[list[_Sample]]
+    ) -> None:
+        self.requests, self.on_steps = requests, on_steps
+        self.done = [0] * len(requests)
+        self.total = [0] * len(requests)
+        for chunk in chunks:
+            for index in {sample.index for sample in chunk}:
+                self.total[index] += requests[index].steps + requests[index].refine_steps
+        self.previews: list[list[Image.Image]] = [[] for _ in requests]
+        self.canceled: dict[int, GenerationCanceled] = {}
 
     def start(self) -> None:
-        if self.on_step is not None:
-            self.on_step(0, self.total, None)
+        for index in range(len(self.requests)):
+            self._notify(index, None)
 
-    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        self.done = min(self.done + 1, self.total)
-        latents = callback_kwargs["latents"][:1]
-        if self.keep_previews:
-            self.previews.append(decode_latents(pipe, latents)[0])
-        if self.on_step is not None:
-            self.on_step(self.done, self.total, lambda: decode_latents(pipe, latents)[0])
-        return callback_kwargs
+    def callback_for(self, samples: list[_Sample]):
+        first_position = {}
+        for position, sample in enumerate(samples):
+            first_position.setdefault(sample.index, position)
+
+        def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            for index, position in first_position.items():
+                if index in self.canceled:
+                    continue
+                self.done[index] = min(self.done[index] + 1, self.total[index])
+                latents = callback_kwargs["latents"][position : position + 1]
+                if self.requests[index].progress_gif:
+                    self.previews[index].append(decode_latents(pipe, latents)[0])
+                self._notify(index, lambda latents=latents: decode_latents(pipe, latents)[0])
+            if all(index in self.canceled for index in first_position):
+                raise GenerationCanceled("Canceled while running.")
+            return callback_kwargs
+
+        return callback
+
+    def _notify(self, index: int, preview) -> None:
+        on_step = self.on_steps[index]
+        if on_step is None or index in self.canceled:
+            return
+        try:
+            on_step(self.done[index], self.total[index], preview)
+        except GenerationCanceled as canceled:
+            self.canceled[index] = canceled
 
 
 @torch.no_grad()
@@ -185,14 +313,20 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(images, output_type="pil")
 
 
-def _check_request(request: GenerationRequest) -> None:
-    if not request.control_images:
-        raise ValueError("control_images is empty")
-    if any(image.size != request.size for image in request.control_images):
-        raise ValueError("control_images differ in size")
-    if request.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {request.scheduler!r}")
-    width, height = request.size
+def _check_batch(requests: list[GenerationRequest]) -> None:
+    if not requests:
+        raise ValueError("no requests")
+    first = requests[0]
+    for request in requests:
+        if not request.control_images:
+            raise ValueError("control_images is empty")
+        if any(image.size != first.size for image in request.control_images):
+            raise ValueError("control_images differ in size")
+        if (request.steps, request.scheduler) != (first.steps, first.scheduler):
+            raise ValueError("a batch must share its steps and scheduler")
+        if request.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {request.scheduler!r}")
+    width, height = first.size
     if width % 8 or height % 8:
         raise ValueError(f"size {width}x{height} is not a multiple of 8")
 

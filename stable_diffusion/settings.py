@@ -54,6 +54,10 @@ class Settings(BaseModel):
     max_prompt_chars: int = Field(1000, alias="MAX_PROMPT_CHARS", ge=1, le=100_000)
 
     queue_size: int = Field(16, alias="QUEUE_SIZE", ge=1, le=10_000)
+    # Queued requests of one size, steps and sampler share a denoising run of up to this many pictures
+    # (1 turns batching off); the worker waits this long for companions.
+    batch_size: int = Field(8, alias="BATCH_SIZE", ge=1, le=256)
+    batch_wait_ms: float = Field(10.0, alias="BATCH_WAIT_MS", ge=0, le=10_000)
     # Per API key: requests queued or running at once, and requests per minute to the endpoints that
     # make work (/generate, /jobs, /preprocess); 0 turns the rate limit off.
     max_queued_per_key: int = Field(8, alias="MAX_QUEUED_PER_KEY", ge=1, le=10_000)

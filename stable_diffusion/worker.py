@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import sys
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +36,6 @@ from stable_diffusion.pipeline_service import (
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 # Called after every successful generation, on the worker thread; metrics listen here.
 ResultObserver = Callable[[GenerationRequest, GenerationResult], None]
 
@@ -49,13 +49,20 @@ class GenerationWorker:
         queue_size: int,
         on_load_failed: Callable[[Exception], None] | None = None,
         max_per_owner: int | None = None,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
     ) -> None:
         self.state = "loading"
         self.load_error: Exception | None = None
         self._load, self._on_load_failed = load, on_load_failed
         self._service: PipelineService | None = None
         self._loaded = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        # Waiting requests, oldest first; the condition guards it and wakes the worker thread.
+        self._pending: deque[_Item] = deque()
+        self._queue_size = queue_size
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._max_batch, self._batch_wait_s = max_batch, batch_wait_s
         self._observers: list[ResultObserver] = []
         # Queued or running requests per owner (API key), so that one client cannot fill the queue.
         self._max_per_owner = max_per_owner or sys.maxsize
@@ -77,11 +84,11 @@ class GenerationWorker:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     @property
     def queue_size(self) -> int:
-        return self._queue.maxsize
+        return self._queue_size
 
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         """True once the model is loaded; False on timeout or when loading failed."""
@@ -106,14 +113,15 @@ class GenerationWorker:
                     f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
                     retry_after=wait,
                 )
-            try:
-                self._queue.put_nowait((request, on_step, future))
-            except queue.Full:
-                wait = max(1, math.ceil(self._average_seconds * self._queue.maxsize))
-                raise QueueFull(
-                    f"The generation queue is full ({self._queue.maxsize} waiting); retry in about {wait} s.",
-                    retry_after=wait,
-                ) from None
+            with self._wakeup:
+                if len(self._pending) >= self._queue_size:
+                    wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
+                    raise QueueFull(
+                        f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
+                        retry_after=wait,
+                    )
+                self._pending.append(_Item(request, on_step, future))
+                self._wakeup.notify()
             self._per_owner[owner] += 1
         future.add_done_callback(lambda _: self._release(owner))
         return future
@@ -126,13 +134,15 @@ class GenerationWorker:
 
     def position(self, future: Future) -> int | None:
         """How many requests wait ahead of `future` (0: next), or None once it left the queue."""
-        with self._queue.mutex:
-            waiting = [item[2] for item in self._queue.queue if item is not _STOP]
+        with self._wakeup:
+            waiting = [item.future for item in self._pending]
         return waiting.index(future) if future in waiting else None
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the thread."""
-        self._queue.put(_STOP)
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -148,53 +158,88 @@ class GenerationWorker:
             return
         self.state = "ready"
         self._loaded.set()
-        while (item := self._queue.get()) is not _STOP:
-            request, on_step, future = item
-            if future.set_running_or_notify_cancel():
-                self._serve(request, on_step, future)
+        while batch := self._next_batch():
+            running = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if running:
+                self._serve(running)
         self.state = "stopped"
 
-    def _fail_queued(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP and item[2].set_running_or_notify_cancel():
-                item[2].set_exception(ModelNotReady("The model failed to load; see the server log."))
+    def _next_batch(self) -> list[_Item]:
+        """The oldest request, with the queued ones that can share its denoising run (same size, steps
+        and sampler), waiting at most `batch_wait_s` for companions; [] once stopped and drained."""
+        with self._wakeup:
+            self._wakeup.wait_for(lambda: self._pending or self._stopping)
+            if not self._pending:
+                return []
+            batch = [self._pending.popleft()]
+            pictures = len(batch[0].request.control_images)
+            deadline = time.monotonic() + self._batch_wait_s
+            while pictures < self._max_batch:
+                for item in list(self._pending):
+                    fits = pictures + len(item.request.control_images) <= self._max_batch
+                    if fits and _batch_key(item.request) == _batch_key(batch[0].request):
+                        self._pending.remove(item)
+                        batch.append(item)
+                        pictures += len(item.request.control_images)
+                remaining = deadline - time.monotonic()
+                if pictures >= self._max_batch or remaining <= 0 or self._stopping:
+                    break
+                self._wakeup.wait(remaining)
+            return batch
 
-    def _serve(self, request: GenerationRequest, on_step, future: Future) -> None:
+    def _fail_queued(self) -> None:
+        with self._wakeup:
+            items, self._pending = list(self._pending), deque()
+        for item in items:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(ModelNotReady("The model failed to load; see the server log."))
+
+    def _serve(self, batch: list[_Item]) -> None:
+        names = ", ".join(item.request.request_id for item in batch)
         try:
-            result = self._service.run(request, on_step)
+            outcomes = self._service.run_batch([item.request for item in batch], [item.on_step for item in batch])
         except GenerationCanceled as exc:
-            log.info("request %s: canceled while running", request.request_id)
-            future.set_exception(exc)
+            log.info("requests %s: canceled while running", names)
+            outcomes = [exc] * len(batch)
         except torch.OutOfMemoryError:
-            log.exception("request %s: out of GPU memory", request.request_id)
+            log.exception("requests %s: out of GPU memory", names)
             _free_gpu_memory()
-            future.set_exception(
-                GenerationOutOfMemory(
-                    "The GPU ran out of memory for this request; retry with a lower resolution "
-                    "or fewer GIF frames.",
-                    retry_after=5,
-                )
+            error = GenerationOutOfMemory(
+                "The GPU ran out of memory for this request; retry with a lower resolution or fewer GIF frames.",
+                retry_after=5,
             )
+            outcomes = [error] * len(batch)
         except Exception as exc:
-            log.exception("request %s: generation failed", request.request_id)
-            future.set_exception(
+            log.exception("requests %s: generation failed", names)
+            outcomes = [
                 GenerationFailed(
                     f"Generation failed ({type(exc).__name__}); the server logged the details under "
-                    f"request id {request.request_id}."
+                    f"request id {item.request.request_id}."
                 )
-            )
-        else:
-            self._average_seconds = 0.8 * self._average_seconds + 0.2 * result.seconds
+                for item in batch
+            ]
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+                continue
+            self._average_seconds = 0.8 * self._average_seconds + 0.2 * outcome.seconds
             for observer in self._observers:
                 try:
-                    observer(request, result)
+                    observer(item.request, outcome)
                 except Exception:
                     log.exception("a result observer failed")
-            future.set_result(result)
+            item.future.set_result(outcome)
+
+
+@dataclass(frozen=True)
+class _Item:
+    request: GenerationRequest
+    on_step: ProgressCallback | None
+    future: Future
+
+
+def _batch_key(request: GenerationRequest) -> tuple:
+    return (request.size, request.steps, request.scheduler)
 
 
 def _free_gpu_memory() -> None:

@@ -19,13 +19,16 @@ class Gated(PipelineService):
     def open(self) -> None:
         self.gate.set()
 
-    def run(self, request, on_step=None):
-        def step_then_wait(done, total, preview):
-            if on_step is not None:
-                on_step(done, total, preview)
-            if done == 0:
-                self.started.set()
-                if not self.gate.wait(60):
-                    raise TimeoutError("the test never opened the gate")
+    def run_batch(self, requests, on_steps):
+        def then_wait(on_step):
+            def step_then_wait(done, total, preview):
+                if on_step is not None:
+                    on_step(done, total, preview)
+                if done == 0:
+                    self.started.set()
+                    if not self.gate.wait(60):
+                        raise TimeoutError("the test never opened the gate")
 
-        return super().run(request, step_then_wait)
+            return step_then_wait
+
+        return super().run_batch(requests, [then_wait(on_step) for on_step in on_steps])

@@ -244,11 +244,11 @@ class FailingOnce(PipelineService):
         self.__dict__.update(service.__dict__)
         self.error = error
 
-    def run(self, request, on_step=None):
+    def run_batch(self, requests, on_steps):
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        return super().run(request, on_step)
+        return super().run_batch(requests, on_steps)
 
 
 @pytest.mark.parametrize(

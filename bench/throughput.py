@@ -1,0 +1,91 @@
+"""Images per second through the live HTTPS server at 1, 4 and 8 concurrent clients, batching off
+(BATCH_SIZE=1) and on (BATCH_SIZE=8). Tiny model on the CPU; prints a table and appends it, with the
+date, machine and command, to docs/BENCHMARKS.md.
+
+    python bench/throughput.py [--requests-per-client 3] [--resolution 256] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from http_overhead import KEY, free_port, live_server, picture, record_entry
+
+CLIENTS = (1, 4, 8)
+
+
+def images_per_second(url: str, cert: str, clients: int, per_client: int, fields: dict, upload: bytes) -> float:
+    def client(_) -> None:
+        with requests.Session() as session:
+            for _ in range(per_client):
+                response = session.post(
+                    f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
+                    data=fields, verify=cert, timeout=600,
+                )
+                response.raise_for_status()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return clients * per_client / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+    fields = {"prompt": "a lighthouse", "resolution": str(args.resolution), "steps": str(args.steps)}
+    upload = picture()
+
+    rows = {}
+    for batch_size in (1, 8):
+        with tempfile.TemporaryDirectory() as folder:
+            port = free_port()
+            environment = {
+                "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1",
+                "SERVER_PORT": str(port), "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out",
+                "LOG_FILE": f"{folder}/api.log", "SSL_CERT_FILE": f"{folder}/cert.pem",
+                "SSL_KEY_FILE": f"{folder}/key.pem", "JOBS_DB": f"{folder}/jobs.sqlite3",
+                "BATCH_SIZE": str(batch_size), "BATCH_WAIT_MS": "20", "RATE_LIMIT_PER_MINUTE": "0",
+                "MAX_QUEUED_PER_KEY": "100",
+            }
+            with live_server(environment, port) as url:
+                cert = environment["SSL_CERT_FILE"]
+                images_per_second(url, cert, 1, 1, fields, upload)  # warm-up
+                rows[batch_size] = [
+                    images_per_second(url, cert, clients, args.requests_per_client, fields, upload)
+                    for clients in CLIENTS
+                ]
+    table = "\n".join(
+        [
+            "| batching | " + " | ".join(f"{clients} clients, images/s" for clients in CLIENTS) + " |",
+            "|---|" + "---|" * len(CLIENTS),
+            *(
+                f"| {'off (BATCH_SIZE=1)' if size == 1 else f'on (BATCH_SIZE={size})'} | "
+                + " | ".join(f"{value:.3f}" for value in rows[size]) + " |"
+                for size in rows
+            ),
+        ]
+    )
+    print(table)
+    if not args.no_record:
+        command = (
+            f"python bench/throughput.py --requests-per-client {args.requests_per_client} "
+            f"--resolution {args.resolution} --steps {args.steps}"
+        )
+        work = (
+            f"384x256 PNG upload, resolution {args.resolution}, {args.steps} steps, refinement 0.3; each client "
+            f"sends {args.requests_per_client} requests one after another, after one warm-up request"
+        )
+        record_entry("Throughput through the HTTPS server, tiny model on CPU", command, work, table)
+
+
+if __name__ == "__main__":
+    main()

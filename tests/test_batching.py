@@ -1,0 +1,92 @@
+"""Dynamic batching: requests that share size, steps and sampler run together, each keeping its own
+values, with the same pictures as when run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stable_diffusion.errors import GenerationCanceled
+from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.worker import GenerationWorker
+from tests.test_models import edge_request
+
+DIFFERENT = [
+    {"prompt": "a lighthouse", "seed": 3},
+    {"prompt": "a red barn", "negative_prompt": "fog", "seed": 9, "guidance_scale": 3.0, "sensitivity": 0.4},
+    {"prompt": "a castle", "seed": 1, "guidance_scale": 12.0, "control_start": 0.25, "control_end": 0.75},
+    {"prompt": "a lighthouse", "seed": 3, "refine_strength": 0.5, "sensitivity": 1.7},
+]
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def assert_same_picture(batched, alone) -> None:
+    """Equal within float tolerance: batched convolutions may round differently in the last bits."""
+    difference = np.abs(pixels(batched) - pixels(alone))
+    assert difference.max() <= 3 and difference.mean() < 0.2, (difference.max(), difference.mean())
+
+
+def test_a_batched_result_equals_the_same_request_run_alone(pipeline_service):
+    requests = [edge_request(request_id=f"r{index}", **values) for index, values in enumerate(DIFFERENT)]
+    batched = pipeline_service.run_batch(requests, [None] * len(requests))
+    alone = [pipeline_service.run(request) for request in requests]
+    for together, single in zip(batched, alone, strict=True):
+        assert_same_picture(together.images[0], single.images[0])
+    # ...and the per-sample values did act: no two pictures alike.
+    flat = [pixels(result.images[0]).tobytes() for result in batched]
+    assert len(set(flat)) == len(flat)
+
+
+def test_a_canceled_request_drops_out_and_the_rest_of_its_batch_finishes(pipeline_service):
+    requests = [edge_request(request_id="keep", seed=5), edge_request(request_id="drop", seed=6)]
+
+    def cancel_at_step_two(done, total, preview):
+        if done == 2:
+            raise GenerationCanceled("Canceled while running.")
+
+    kept, dropped = pipeline_service.run_batch(requests, [None, cancel_at_step_two])
+    assert isinstance(dropped, GenerationCanceled)
+    assert_same_picture(kept.images[0], pipeline_service.run(requests[0]).images[0])
+
+
+class CountingBatches(PipelineService):
+    def __init__(self, service: PipelineService) -> None:
+        self.__dict__.update(service.__dict__)
+        self.batches: list[list[str]] = []
+
+    def run_batch(self, requests, on_steps):
+        self.batches.append([request.request_id for request in requests])
+        return super().run_batch(requests, on_steps)
+
+
+def run_through_worker(pipeline_service, requests, **options) -> list[list[str]]:
+    service = CountingBatches(pipeline_service)
+    worker = GenerationWorker(lambda: service, queue_size=16, **options)
+    try:
+        assert worker.wait_until_loaded(30)
+        futures = [worker.submit(request) for request in requests]
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        worker.close(timeout=60)
+    return service.batches
+
+
+def test_the_worker_batches_queued_requests_that_can_share_a_run(pipeline_service):
+    requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(3)]
+    other_steps = edge_request(request_id="b", steps=6)
+    batches = run_through_worker(pipeline_service, [*requests, other_steps], max_batch=8, batch_wait_s=0.5)
+    assert batches == [["a0", "a1", "a2"], ["b"]]
+
+
+def test_a_batch_holds_at_most_max_batch_pictures(pipeline_service):
+    requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(5)]
+    batches = run_through_worker(pipeline_service, requests, max_batch=2, batch_wait_s=0.5)
+    assert batches == [["a0", "a1"], ["a2", "a3"], ["a4"]]
+
+
+def test_batching_off_runs_one_request_at_a_time(pipeline_service):
+    requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(3)]
+    assert run_through_worker(pipeline_service, requests, max_batch=1) == [["a0"], ["a1"], ["a2"]]
