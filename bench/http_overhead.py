@@ -133,6 +133,8 @@ def main() -> None:
 
     pipeline_s, http_s = statistics.median(in_process), statistics.median(over_https)
     overhead = http_s / pipeline_s - 1
+    # Each request against the in-process run just before it: drift between pairs cancels out.
+    paired = statistics.median(h / i for h, i in zip(over_https, in_process, strict=True)) - 1
     table = "\n".join(
         [
             "| path | median s | min s | max s |",
@@ -140,7 +142,8 @@ def main() -> None:
             f"| pipeline in-process | {pipeline_s:.3f} | {min(in_process):.3f} | {max(in_process):.3f} |",
             f"| POST /generate over HTTPS | {http_s:.3f} | {min(over_https):.3f} | {max(over_https):.3f} |",
             "",
-            f"HTTP overhead: **{overhead:+.1%}** (target: at most +10%)",
+            f"HTTP overhead: **{overhead:+.1%}** from the medians, **{paired:+.1%}** as the median of "
+            "the paired ratios (target: at most +10%)",
         ]
     )
     print(table)
