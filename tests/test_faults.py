@@ -77,15 +77,8 @@ def send_and_hang_up(server: LiveServer, body_fields: dict) -> None:
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("faults"))
-    server.wait_until_healthy()
-    yield server
-    server.stop()
-
-
-def test_clients_that_hang_up_do_not_hurt_the_worker(server):
+def test_clients_that_hang_up_do_not_hurt_the_worker(live_server):
+    server = live_server
     for _ in range(3):
         send_and_hang_up(server, {"prompt": "gone", "steps": "30", "resolution": "256"})
     events = requests.get(
