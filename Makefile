@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev browser serve test lint bench
+.PHONY: install install-dev browser serve test lint bench bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/http_overhead.py
 	$(BIN)/python bench/throughput.py
+
+# On a CUDA/ROCm machine: the service against plain diffusers, full-size SD 1.5 with random weights.
+bench-gpu: install-dev
+	$(BIN)/python bench/gpu_benchmark.py

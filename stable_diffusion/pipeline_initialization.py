@@ -22,6 +22,10 @@ from stable_diffusion.settings import Settings, SettingsError
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+# The real SD 1.5 architecture with random weights, for benchmarks (speed does not depend on weights).
+FULL_SIZE_RANDOM_MODEL = "sd15-random"
+FULL_SIZE_MODEL_DIR = Path(__file__).resolve().parent / "sd15_architecture"
+RANDOM_MODELS = {TINY_MODEL: TINY_MODEL_DIR, FULL_SIZE_RANDOM_MODEL: FULL_SIZE_MODEL_DIR}
 TINY_SEED = 0
 
 log = logging.getLogger(__name__)
@@ -68,11 +72,11 @@ def load_pipelines(settings: Settings) -> Pipelines:
     """Load the configured weights onto the configured device, ready to generate."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    if settings.sd_model == TINY_MODEL:
-        pipe = build_tiny_pipeline()
+    if settings.sd_model in RANDOM_MODELS:
+        pipe = build_random_pipeline(RANDOM_MODELS[settings.sd_model])
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
-        model_name = TINY_MODEL
+        model_name = settings.sd_model
     else:
         pipe = _load_pretrained(settings.sd_model, settings.controlnet_model, dtype)
         model_name = f"{settings.sd_model} + {settings.controlnet_model}"
@@ -120,7 +124,12 @@ def _from_pretrained(loader, setting: str, name: str, **kwargs):
 
 
 def build_tiny_pipeline() -> StableDiffusionControlNetPipeline:
-    """A random-weight pipeline with the real architecture at toy width, from the configs in tiny_model/.
+    """A random-weight pipeline with the real architecture at toy width, from the configs in tiny_model/."""
+    return build_random_pipeline(TINY_MODEL_DIR)
+
+
+def build_random_pipeline(config_dir: Path) -> StableDiffusionControlNetPipeline:
+    """A random-weight pipeline from the component configs in `config_dir`, with the tiny tokenizer.
 
     Deterministic: every component is seeded before it is built, so two builds give the same weights.
     """
@@ -129,7 +138,7 @@ def build_tiny_pipeline() -> StableDiffusionControlNetPipeline:
         torch.manual_seed(TINY_SEED)
         return build()
 
-    config = {name: json.loads((TINY_MODEL_DIR / f"{name}.json").read_text()) for name in
+    config = {name: json.loads((config_dir / f"{name}.json").read_text()) for name in
               ("unet", "controlnet", "vae", "text_encoder", "scheduler")}
     tokenizer_dir = TINY_MODEL_DIR / "tokenizer"
     return StableDiffusionControlNetPipeline(

@@ -1,0 +1,184 @@
+"""The service path against a plain diffusers ControlNet pipeline, full-size SD 1.5 with random weights.
+
+Measured in one run, refinement off and on, 512x512, 20 steps, float16: single-request latency,
+images/s at 8 concurrent clients, peak GPU memory, and model FLOPs utilisation (FLOPs per image
+counted with torch.utils.flop_counter, over the measured time, against the GPU's dense fp16 peak).
+The service path is the worker with dynamic batching; the baseline runs one request at a time.
+
+    python bench/gpu_benchmark.py                                  # on a CUDA/ROCm GPU
+    python bench/gpu_benchmark.py --model tiny --device cpu --dtype float32 --resolution 128 --no-record
+                                                                   # a quick check of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from diffusers import StableDiffusionControlNetImg2ImgPipeline
+from http_overhead import REPO_ROOT, picture, record_entry  # noqa: F401  (REPO_ROOT puts the repo on sys.path)
+from torch.utils.flop_counter import FlopCounterMode
+
+from stable_diffusion.generation import build_request
+from stable_diffusion.image_processing import DecodeLimits, decode_upload
+from stable_diffusion.pipeline_initialization import load_pipelines
+from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.request_fields import generate_fields_model
+from stable_diffusion.settings import Settings
+from stable_diffusion.worker import GenerationWorker
+
+# Dense (no sparsity) fp16/bf16 tensor-core peaks, in FLOP/s.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250": 362e12}
+CLIENTS = 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=5, help="timed single requests per path")
+    parser.add_argument("--per-client", type=int, default=3, help="requests each of the 8 clients sends")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense fp16 peak, if not in the table")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    environment = {"API_KEY": "bench", "SD_MODEL": args.model, "DEVICE": args.device, "DTYPE": args.dtype,
+                   "MAX_RESOLUTION": str(max(args.resolution, 64)), "DEFAULT_RESOLUTION": str(args.resolution)}
+    settings = Settings.load(env_file=None, environ=environment)
+    service = PipelineService(_fast(load_pipelines(settings)), max_batch=CLIENTS)
+    baseline = _fast(load_pipelines(settings))  # its own copy: no hooks, nothing shared
+    worker = GenerationWorker(lambda: service, queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01)
+    worker.wait_until_loaded()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else _peak_flops()
+
+    rows = []
+    for refine in (0.0, 0.3):
+        request = _request(settings, args, refine)
+        flops = _flops_per_image(baseline, request)
+        service_latency, service_rate, service_memory = _measure(
+            lambda request=request: worker.submit(request).result(), args.runs, args.per_client
+        )
+        plain_latency, plain_rate, plain_memory = _measure(
+            _one_at_a_time(_plain_call(baseline, request)), args.runs, args.per_client
+        )
+        for path, latency, rate, memory in (
+            ("service (batching)", service_latency, service_rate, service_memory),
+            ("plain diffusers, one at a time", plain_latency, plain_rate, plain_memory),
+        ):
+            mfu = f"{flops * rate / peak:.1%}" if peak else "n/a"
+            rows.append(f"| {path} | {refine:g} | {latency:.3f} | {rate:.2f} | {memory} | {flops / 1e12:.3f} | {mfu} |")
+        rows.append(f"| speed-up at {CLIENTS} clients | {refine:g} | | {service_rate / plain_rate:.2f}x | | | |")
+    worker.close()
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else args.device
+    table = "\n".join([
+        "| path | refine | latency s | images/s at 8 clients | peak memory | TFLOPs per image | MFU |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    print(f"device: {device}\n{table}")
+    if not args.no_record:
+        work = (f"{args.model}, {args.resolution}x{args.resolution}, {args.steps} steps, {args.dtype} on {device}; "
+                f"latency: median of {args.runs} single requests; images/s: {CLIENTS} clients x {args.per_client}")
+        record_entry("Service against plain diffusers, GPU", "python bench/gpu_benchmark.py", work, table)
+
+
+def _one_at_a_time(call):
+    """A plain script serves one request at a time: concurrent clients wait their turn."""
+    lock = threading.Lock()
+
+    def serialized():
+        with lock:
+            call()
+
+    return serialized
+
+
+def _fast(pipelines):
+    """The GPU speed settings: channels-last memory for the convolution-heavy models."""
+    if pipelines.device.type == "cuda":
+        for model in (pipelines.generate.unet, pipelines.generate.controlnet, pipelines.generate.vae):
+            model.to(memory_format=torch.channels_last)
+    return pipelines
+
+
+def _request(settings: Settings, args, refine: float):
+    fields = generate_fields_model(settings).model_validate(
+        {"prompt": "a lighthouse", "resolution": str(args.resolution), "steps": str(args.steps),
+         "seed": "1", "refine_strength": str(refine)}
+    )
+    return build_request("bench", fields, decode_upload(picture(), DecodeLimits(10**8, 1)))
+
+
+def _plain_call(pipelines, request):
+    """What a plain diffusers script does per request: the pipeline call(s), nothing else."""
+    refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipelines.generate)
+    refine.set_progress_bar_config(disable=True)
+    width, height = request.size
+
+    def call():
+        arguments = {"prompt": request.prompt, "num_inference_steps": request.steps,
+                     "guidance_scale": request.guidance_scale,
+                     "generator": torch.Generator("cpu").manual_seed(request.seed)}
+        image = pipelines.generate(image=request.control_images[0], width=width, height=height, **arguments).images
+        if request.refine_steps:
+            refine(image=image, control_image=request.control_images[0], strength=request.refine_strength,
+                   **arguments)
+
+    return call
+
+
+def _flops_per_image(pipelines, request) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _plain_call(pipelines, request)()
+    return counter.get_total_flops()
+
+
+def _measure(call, runs: int, per_client: int) -> tuple[float, float, str]:
+    call()  # warm-up
+    _reset_memory()
+    latencies = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        _synchronize()
+        latencies.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda _: [call() for _ in range(per_client)], range(CLIENTS)))
+    _synchronize()
+    rate = CLIENTS * per_client / (time.perf_counter() - started)
+    return statistics.median(latencies), rate, _peak_memory()
+
+
+def _reset_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_memory() -> str:
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "n/a"
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+if __name__ == "__main__":
+    main()
