@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from stable_diffusion.image_processing import fit_size, make_canny_edges
 from stable_diffusion.pipeline_initialization import (
+    FULL_SIZE_MODEL_DIR,
     ModelLoadError,
     load_pipelines,
     resolve_device,
@@ -101,3 +106,20 @@ def test_device_and_dtype_resolution_on_a_cpu_machine():
         resolve_device("cuda")
     with pytest.raises(SettingsError, match="DTYPE=float16"):
         resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_the_full_size_random_model_has_sd15s_architecture():
+    """SD_MODEL=sd15-random, for GPU benchmarks: the real sizes (built on the meta device: no memory)."""
+
+    def config(name):
+        return json.loads((FULL_SIZE_MODEL_DIR / f"{name}.json").read_text())
+
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel(**config("unet")),
+            "controlnet": ControlNetModel(**config("controlnet")),
+            "vae": AutoencoderKL(**config("vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**config("text_encoder"))),
+        }
+    millions = {name: round(sum(p.numel() for p in model.parameters()) / 1e6) for name, model in models.items()}
+    assert millions == {"unet": 860, "controlnet": 361, "vae": 84, "text_encoder": 123}
