@@ -71,7 +71,7 @@ def test_each_request_is_logged_to_api_log(live_server):
 
 
 def test_requests_beyond_the_queue_get_503_and_the_rest_succeed(tmp_path):
-    server = LiveServer(tmp_path, QUEUE_SIZE="1", HTTP_THREADS="16")
+    server = LiveServer(tmp_path, QUEUE_SIZE="1", HTTP_THREADS="16", BATCH_SIZE="1")
     try:
         server.wait_until_healthy()
         slow = {"prompt": "a slow one", "resolution": "256", "steps": "25"}
