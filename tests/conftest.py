@@ -97,12 +97,13 @@ class LiveServer:
         )
 
     def wait_until_healthy(self, timeout: float = 120) -> None:
+        """Until /ready answers 200: listening, with the model loaded (it loads after /health is up)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
             try:
-                if requests.get(f"{self.url}/health", verify=False, timeout=2).ok:
+                if requests.get(f"{self.url}/ready", headers={"x-api-key": API_KEY}, verify=False, timeout=2).ok:
                     return
             except requests.ConnectionError:
                 pass
