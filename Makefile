@@ -29,9 +29,8 @@ lint: install-dev
 	$(BIN)/ruff check .
 
 bench: install-dev
-	$(BIN)/python bench/http_overhead.py
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/benchmark.py --mode cpu
 
 # On a CUDA/ROCm machine: the service against plain diffusers, full-size SD 1.5 with random weights.
 bench-gpu: install-dev
-	$(BIN)/python bench/gpu_benchmark.py
+	$(BIN)/python bench/benchmark.py --mode gpu
