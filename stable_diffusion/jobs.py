@@ -282,6 +282,7 @@ class JobManager:
             self._changed.notify_all()
         self._finisher.shutdown(wait=True)
         self._janitor.join(timeout=5)
+        self.store.close()
 
     def _remove_expired_periodically(self) -> None:
         interval = min(60.0, max(self.retention_s / 4, 0.5))
