@@ -109,6 +109,16 @@ def timed(call) -> float:
     return time.perf_counter() - started
 
 
+def server_environment(folder: str, port: int, **extra: str) -> dict[str, str]:
+    """The settings of a tiny-model server on the CPU whose files all live under `folder`."""
+    return {
+        "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1", "SERVER_PORT": str(port),
+        "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out", "LOG_FILE": f"{folder}/api.log",
+        "SSL_CERT_FILE": f"{folder}/cert.pem", "SSL_KEY_FILE": f"{folder}/key.pem",
+        "JOBS_DB": f"{folder}/jobs.sqlite3",
+    } | extra
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -124,11 +134,7 @@ def main() -> None:
     upload = picture()
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        environment = {
-            "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1",
-            "SERVER_PORT": str(port), "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out",
-            "LOG_FILE": f"{folder}/api.log", "SSL_CERT_FILE": f"{folder}/cert.pem", "SSL_KEY_FILE": f"{folder}/key.pem",
-        }
+        environment = server_environment(folder, port)
         in_process, over_https = measure(environment, port, upload, args.runs)
 
     pipeline_s, http_s = statistics.median(in_process), statistics.median(over_https)

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from http_overhead import KEY, free_port, live_server, picture, record_entry
+from http_overhead import KEY, free_port, live_server, picture, record_entry, server_environment
 
 CLIENTS = (1, 4, 8)
 
@@ -48,14 +48,10 @@ def main() -> None:
     for batch_size in (1, 8):
         with tempfile.TemporaryDirectory() as folder:
             port = free_port()
-            environment = {
-                "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1",
-                "SERVER_PORT": str(port), "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out",
-                "LOG_FILE": f"{folder}/api.log", "SSL_CERT_FILE": f"{folder}/cert.pem",
-                "SSL_KEY_FILE": f"{folder}/key.pem", "JOBS_DB": f"{folder}/jobs.sqlite3",
-                "BATCH_SIZE": str(batch_size), "BATCH_WAIT_MS": "20", "RATE_LIMIT_PER_MINUTE": "0",
-                "MAX_QUEUED_PER_KEY": "100",
-            }
+            environment = server_environment(
+                folder, port, BATCH_SIZE=str(batch_size), BATCH_WAIT_MS="20", RATE_LIMIT_PER_MINUTE="0",
+                MAX_QUEUED_PER_KEY="100",
+            )
             with live_server(environment, port) as url:
                 cert = environment["SSL_CERT_FILE"]
                 images_per_second(url, cert, 1, 1, fields, upload)  # warm-up
