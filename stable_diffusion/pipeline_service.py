@@ -140,7 +140,7 @@ class PipelineService:
                 generated = self._generate(chunk, progress)
                 # 4. Refine: a low-strength img2img pass over the result, guided by the same edges. Its
                 #    strength sets where its schedule starts, so samples refine in groups of one strength.
-                for group in _by_refine_steps(chunk):
+                for group in _by_refine_strength(chunk):
                     refined = self._refine([chunk[i] for i in group], [generated[i] for i in group], progress)
                     for i, image in zip(group, refined, strict=True):
                         generated[i] = image
@@ -187,7 +187,7 @@ class _Sample:
     control_image: Image.Image
 
 
-def _by_refine_steps(samples: list[_Sample]) -> list[list[int]]:
+def _by_refine_strength(samples: list[_Sample]) -> list[list[int]]:
     groups: dict[float, list[int]] = {}
     for position, sample in enumerate(samples):
         groups.setdefault(sample.request.refine_strength, []).append(position)

@@ -57,7 +57,8 @@ class GenerationWorker:
         self._load, self._on_load_failed = load, on_load_failed
         self._service: PipelineService | None = None
         self._loaded = threading.Event()
-        # Waiting requests, oldest first; the condition guards it and wakes the worker thread.
+        # Waiting requests, oldest first, and the per-key counts: the condition guards both and wakes
+        # the worker thread.
         self._pending: deque[_Item] = deque()
         self._queue_size = queue_size
         self._wakeup = threading.Condition()
@@ -67,7 +68,6 @@ class GenerationWorker:
         # Queued or running requests per owner (API key), so that one client cannot fill the queue.
         self._max_per_owner = max_per_owner or sys.maxsize
         self._per_owner: Counter[str] = Counter()
-        self._owners_lock = threading.Lock()
         self._average_seconds = 1.0
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
@@ -105,7 +105,7 @@ class GenerationWorker:
         if self.state in ("failed", "stopped"):
             raise ModelNotReady(f"The generation worker is {self.state}; the server cannot take work now.")
         future: Future[GenerationResult] = Future()
-        with self._owners_lock:
+        with self._wakeup:
             if self._per_owner[owner] >= self._max_per_owner:
                 wait = max(1, math.ceil(self._average_seconds))
                 raise TooManyRequests(
@@ -113,21 +113,20 @@ class GenerationWorker:
                     f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
                     retry_after=wait,
                 )
-            with self._wakeup:
-                if len(self._pending) >= self._queue_size:
-                    wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
-                    raise QueueFull(
-                        f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
-                        retry_after=wait,
-                    )
-                self._pending.append(_Item(request, on_step, future))
-                self._wakeup.notify()
+            if len(self._pending) >= self._queue_size:
+                wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
+                raise QueueFull(
+                    f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
+                    retry_after=wait,
+                )
+            self._pending.append(_Item(request, on_step, future))
             self._per_owner[owner] += 1
+            self._wakeup.notify()
         future.add_done_callback(lambda _: self._release(owner))
         return future
 
     def _release(self, owner: str) -> None:
-        with self._owners_lock:
+        with self._wakeup:
             self._per_owner[owner] -= 1
             if not self._per_owner[owner]:
                 del self._per_owner[owner]
