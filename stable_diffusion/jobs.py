@@ -237,14 +237,17 @@ class JobManager:
     def events(self, job_id: str, owner: str, heartbeat_s: float = 15.0) -> Iterator[JobEvent | None]:
         """Status, progress and preview changes as they happen, ending with the finished status;
         None after `heartbeat_s` without news, so a stream can keep its connection alive."""
+        # The version is taken before each read, so a change landing between a read and the next wait
+        # is never missed (a job finishing there would otherwise leave its stream open forever).
+        with self._changed:
+            seen = self._version
         job = self.get(job_id, owner)
         yield JobEvent("status", job)
         sent_preview: bytes | None = None
         while not job.finished:
             with self._changed:
-                seen = self._version
                 self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s)
-                news = self._version != seen
+                news, seen = self._version != seen, self._version
             if self._closed.is_set():
                 return
             if not news:
