@@ -83,7 +83,9 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
 def start_worker(settings: Settings, on_load_failed=None) -> GenerationWorker:
     """The worker for the configured model; it loads the model on its own thread."""
     return GenerationWorker(
-        lambda: PipelineService(load_pipelines(settings), max_batch=settings.batch_size),
+        lambda: PipelineService(
+            load_pipelines(settings), max_batch=settings.batch_size, warm_up_size=settings.default_resolution
+        ),
         settings.queue_size,
         on_load_failed=on_load_failed,
         max_per_owner=settings.max_queued_per_key,

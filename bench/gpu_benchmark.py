@@ -6,17 +6,18 @@ counted with torch.utils.flop_counter, over the measured time, against the GPU's
 The service path is the worker with dynamic batching; the baseline runs one request at a time.
 
     python bench/gpu_benchmark.py                                  # on a CUDA/ROCm GPU
-    python bench/gpu_benchmark.py --model tiny --device cpu --dtype float32 --resolution 128 --no-record
+    python bench/gpu_benchmark.py --model tiny --device cpu --dtype float32 --resolution 128 --compile off --no-record
                                                                    # a quick check of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from diffusers import StableDiffusionControlNetImg2ImgPipeline
@@ -34,6 +35,7 @@ from stable_diffusion.worker import GenerationWorker
 # Dense (no sparsity) fp16/bf16 tensor-core peaks, in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250": 362e12}
 CLIENTS = 8
+REFINE_STRENGTHS = (0.0, 0.3)
 
 
 def main() -> None:
@@ -45,37 +47,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5, help="timed single requests per path")
     parser.add_argument("--per-client", type=int, default=3, help="requests each of the 8 clients sends")
+    parser.add_argument("--compile", default="default", help="TORCH_COMPILE for the service path (off: eager)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense fp16 peak, if not in the table")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
     environment = {"API_KEY": "bench", "SD_MODEL": args.model, "DEVICE": args.device, "DTYPE": args.dtype,
                    "MAX_RESOLUTION": str(max(args.resolution, 64)), "DEFAULT_RESOLUTION": str(args.resolution)}
-    settings = Settings.load(env_file=None, environ=environment)
-    service = PipelineService(_fast(load_pipelines(settings)), max_batch=CLIENTS)
-    baseline = _fast(load_pipelines(settings))  # its own copy: no hooks, nothing shared
-    worker = GenerationWorker(lambda: service, queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01)
-    worker.wait_until_loaded()
+    settings = Settings.load(env_file=None, environ=environment | {"TORCH_COMPILE": args.compile})
+    requests = {refine: _request(settings, args, refine) for refine in REFINE_STRENGTHS}
+
+    # One path loaded at a time, so that each one's peak memory is its own.
+    described, served = _measure_service(settings, requests, args)
+    _free_memory()
+    plain, flops = _measure_plain(environment, requests, args)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else _peak_flops()
 
     rows = []
-    for refine in (0.0, 0.3):
-        request = _request(settings, args, refine)
-        flops = _flops_per_image(baseline, request)
-        service_latency, service_rate, service_memory = _measure(
-            lambda request=request: worker.submit(request).result(), args.runs, args.per_client
-        )
-        plain_latency, plain_rate, plain_memory = _measure(
-            _one_at_a_time(_plain_call(baseline, request)), args.runs, args.per_client
-        )
-        for path, latency, rate, memory in (
-            ("service (batching)", service_latency, service_rate, service_memory),
-            ("plain diffusers, one at a time", plain_latency, plain_rate, plain_memory),
+    for refine in REFINE_STRENGTHS:
+        for path, (latency, rate, memory) in (
+            (f"service (batching, compile {args.compile})", served[refine]),
+            ("plain diffusers, one at a time", plain[refine]),
         ):
-            mfu = f"{flops * rate / peak:.1%}" if peak else "n/a"
-            rows.append(f"| {path} | {refine:g} | {latency:.3f} | {rate:.2f} | {memory} | {flops / 1e12:.3f} | {mfu} |")
-        rows.append(f"| speed-up at {CLIENTS} clients | {refine:g} | | {service_rate / plain_rate:.2f}x | | | |")
-    worker.close()
+            mfu = f"{flops[refine] * rate / peak:.1%}" if peak else "n/a"
+            rows.append(
+                f"| {path} | {refine:g} | {latency:.3f} | {rate:.2f} | {memory} | {flops[refine] / 1e12:.3f} | {mfu} |"
+            )
+        speed_up = served[refine][1] / plain[refine][1]
+        rows.append(f"| speed-up at {CLIENTS} clients | {refine:g} | | {speed_up:.2f}x | | | |")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else args.device
     table = "\n".join([
@@ -83,30 +82,46 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
     ])
-    print(f"device: {device}\n{table}")
+    warm_up = described["warm_up_seconds"]
+    print(f"device: {device}; service warm-up (compilation included): {warm_up} s\n{table}")
     if not args.no_record:
         work = (f"{args.model}, {args.resolution}x{args.resolution}, {args.steps} steps, {args.dtype} on {device}; "
+                f"service: {described}; "
                 f"latency: median of {args.runs} single requests; images/s: {CLIENTS} clients x {args.per_client}")
         record_entry("Service against plain diffusers, GPU", "python bench/gpu_benchmark.py", work, table)
 
 
+def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, dict]:
+    """The worker with dynamic batching, warmed up (and compiled) as the server does before /ready."""
+    service = PipelineService(load_pipelines(settings), max_batch=CLIENTS, warm_up_size=args.resolution)
+    worker = GenerationWorker(lambda: service, queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01)
+    worker.wait_until_loaded()
+    try:
+        return service.describe(), {
+            refine: _measure(lambda request=request: worker.submit(request).result(), args.runs, args.per_client)
+            for refine, request in requests.items()
+        }
+    finally:
+        worker.close()
+
+
+def _measure_plain(environment: dict, requests: dict, args) -> tuple[dict, dict]:
+    """What a plain script loads and does: float16, diffusers' defaults, no hooks, one request at a time;
+    and the FLOPs per image, counted on this path."""
+    baseline = load_pipelines(Settings.load(env_file=None, environ=environment | {"CHANNELS_LAST": "off"}))
+    measured = {}
+    for refine, request in requests.items():
+        with _one_at_a_time(_plain_call(baseline, request)) as call:
+            measured[refine] = _measure(call, args.runs, args.per_client)
+    return measured, {refine: _flops_per_image(baseline, request) for refine, request in requests.items()}
+
+
+@contextmanager
 def _one_at_a_time(call):
-    """A plain script serves one request at a time: concurrent clients wait their turn."""
-    lock = threading.Lock()
-
-    def serialized():
-        with lock:
-            call()
-
-    return serialized
-
-
-def _fast(pipelines):
-    """The GPU speed settings: channels-last memory for the convolution-heavy models."""
-    if pipelines.device.type == "cuda":
-        for model in (pipelines.generate.unet, pipelines.generate.controlnet, pipelines.generate.vae):
-            model.to(memory_format=torch.channels_last)
-    return pipelines
+    """A plain script serves one request at a time, on one thread (as the service's worker does):
+    concurrent clients wait their turn."""
+    with ThreadPoolExecutor(1) as runner:
+        yield lambda: runner.submit(call).result()
 
 
 def _request(settings: Settings, args, refine: float):
@@ -162,6 +177,12 @@ def _measure(call, runs: int, per_client: int) -> tuple[float, float, str]:
 def _reset_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _synchronize() -> None:

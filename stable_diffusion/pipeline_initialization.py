@@ -18,6 +18,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from stable_diffusion.acceleration import Speed, apply_speed_settings
 from stable_diffusion.settings import Settings, SettingsError
 
 TINY_MODEL = "tiny"
@@ -44,6 +45,12 @@ class Pipelines:
     device: torch.device
     dtype: torch.dtype
     model_name: str
+    speed: Speed
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Compiled models compile on their first run, and a GPU picks its kernels on its first run."""
+        return self.speed.compile_mode != "off" or self.device.type == "cuda"
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -81,11 +88,12 @@ def load_pipelines(settings: Settings) -> Pipelines:
         pipe = _load_pretrained(settings.sd_model, settings.controlnet_model, dtype)
         model_name = f"{settings.sd_model} + {settings.controlnet_model}"
     pipe = pipe.to(device)
+    speed = apply_speed_settings(pipe, device, settings)
     pipe.set_progress_bar_config(disable=True)
     refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipe)
     refine.set_progress_bar_config(disable=True)
-    log.info("loaded %s on %s as %s", model_name, device, dtype)
-    return Pipelines(pipe, refine, device, dtype, model_name)
+    log.info("loaded %s on %s as %s (%s)", model_name, device, dtype, speed)
+    return Pipelines(pipe, refine, device, dtype, model_name, speed)
 
 
 def _load_pretrained(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ SCHEDULERS = {
 # Guidance is applied per sample by a hook on the UNet; the pipeline runs with this scale, which only
 # needs to be above 1 for it to compute both the conditional and the unconditional prediction.
 PIPELINE_GUIDANCE = 2.0
+
+log = logging.getLogger(__name__)
 
 # Called with (steps done, total steps, preview): once with 0 when the run starts, then after every
 # denoising step. `preview()` decodes the first picture of the batch as it looks now (None at 0).
@@ -77,9 +80,11 @@ class GenerationResult:
 class PipelineService:
     """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run` and `run_batch`."""
 
-    def __init__(self, pipelines: Pipelines, max_batch: int = 8) -> None:
+    def __init__(self, pipelines: Pipelines, max_batch: int = 8, warm_up_size: int = 512) -> None:
         self.pipelines = pipelines
         self.max_batch = max_batch
+        self.warm_up_size = warm_up_size
+        self.warm_up_seconds: float | None = None
         self._schedulers = {
             name: cls.from_config(pipelines.generate.scheduler.config)
             for name, (cls, _) in SCHEDULERS.items()
@@ -98,7 +103,29 @@ class PipelineService:
             "dtype": str(self.pipelines.dtype).removeprefix("torch."),
             "schedulers": list(SCHEDULERS),
             "max_batch": self.max_batch,
+            **self.pipelines.speed.describe(),
+            "warm_up_seconds": None if self.warm_up_seconds is None else round(self.warm_up_seconds, 3),
         }
+
+    def warm_up(self) -> None:
+        """Where the pipelines need it (compiled models, a GPU), generate at the default size, both
+        passes, for one picture and then for a full batch, so that requests of that size never wait for
+        a compilation: seeing the batch size change, torch.compile makes it symbolic, so one graph
+        serves every batch size. Another size compiles on its first request."""
+        if not self.pipelines.needs_warm_up:
+            return
+        started = time.perf_counter()
+        edges = Image.new("RGB", (self.warm_up_size, self.warm_up_size))
+        request = GenerationRequest("warm-up", (edges,), "warm-up", steps=4, refine_strength=0.5)
+        batches = sorted({1, self.max_batch})
+        for batch in batches:
+            self.run_batch([request] * batch, [None] * batch)
+        self.warm_up_seconds = time.perf_counter() - started
+        log.info(
+            "warm-up took %.1f s (torch.compile: %s; %dx%d, batches of %s)", self.warm_up_seconds,
+            self.pipelines.speed.compile_mode, self.warm_up_size, self.warm_up_size,
+            " and ".join(map(str, batches)),
+        )
 
     def run(self, request: GenerationRequest, on_step: ProgressCallback | None = None) -> GenerationResult:
         outcome = self.run_batch([request], [on_step])[0]

@@ -41,6 +41,12 @@ class Settings(BaseModel):
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", alias="DEVICE")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", alias="DTYPE")
+    # Speed: channels-last memory for the convolutions (auto: on a GPU), and torch.compile of the UNet
+    # and ControlNet in one of its modes, compiled and warmed up before /ready answers 200.
+    channels_last: Literal["auto", "on", "off"] = Field("auto", alias="CHANNELS_LAST")
+    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        Field("off", alias="TORCH_COMPILE")
+    )
 
     default_resolution: int = Field(512, alias="DEFAULT_RESOLUTION", ge=64, le=4096, multiple_of=8)
     max_resolution: int = Field(1024, alias="MAX_RESOLUTION", ge=64, le=4096, multiple_of=8)

@@ -41,7 +41,8 @@ ResultObserver = Callable[[GenerationRequest, GenerationResult], None]
 
 
 class GenerationWorker:
-    """States: loading -> ready -> stopped, or loading -> failed when the model cannot be loaded."""
+    """States: loading -> warming_up -> ready -> stopped, or -> failed when the model cannot be loaded
+    or warmed up."""
 
     def __init__(
         self,
@@ -148,7 +149,10 @@ class GenerationWorker:
         # Loading here, on the thread that runs every generation, keeps all torch work on one thread.
         try:
             self._service = self._load()
+            self.state = "warming_up"
+            self._service.warm_up()
         except Exception as exc:
+            self._service = None
             self.state, self.load_error = "failed", exc
             self._loaded.set()
             self._fail_queued()

@@ -8,6 +8,7 @@ import numpy as np
 from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_service import PipelineService
 from stable_diffusion.worker import GenerationWorker
+from tests.doubles import Gated
 from tests.test_models import edge_request
 
 DIFFERENT = [
@@ -51,10 +52,14 @@ def test_a_canceled_request_drops_out_and_the_rest_of_its_batch_finishes(pipelin
     assert_same_picture(kept.images[0], pipeline_service.run(requests[0]).images[0])
 
 
-class CountingBatches(PipelineService):
-    def __init__(self, service: PipelineService) -> None:
-        self.__dict__.update(service.__dict__)
+class CountingBatches(Gated):
+    """Records the request ids of every batch; runs start at once unless `gated` (then at `open()`)."""
+
+    def __init__(self, service: PipelineService, gated: bool = False) -> None:
+        super().__init__(service)
         self.batches: list[list[str]] = []
+        if not gated:
+            self.open()
 
     def run_batch(self, requests, on_steps):
         self.batches.append([request.request_id for request in requests])
@@ -90,3 +95,39 @@ def test_a_batch_holds_at_most_max_batch_pictures(pipeline_service):
 def test_batching_off_runs_one_request_at_a_time(pipeline_service):
     requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(3)]
     assert run_through_worker(pipeline_service, requests, max_batch=1) == [["a0"], ["a1"], ["a2"]]
+
+
+def test_gif_frames_share_one_run_and_each_equals_its_frame_run_alone(pipeline_service):
+    frames = edge_request().control_images[0], edge_request().control_images[0].rotate(180)
+    gif = edge_request(request_id="gif", control_images=frames, seed=4)
+    unet_batches = []
+    hook = pipeline_service.pipelines.generate.unet.register_forward_hook(
+        lambda module, args, output: unet_batches.append(args[0].shape[0])
+    )
+    try:
+        together = pipeline_service.run(gif)
+    finally:
+        hook.remove()
+    # Both frames, conditional and unconditional, at every step of both passes.
+    assert set(unet_batches) == {2 * len(frames)}
+    for frame, image in zip(frames, together.images, strict=True):
+        alone = pipeline_service.run(edge_request(request_id="frame", control_images=(frame,), seed=4))
+        assert_same_picture(image, alone.images[0])
+
+
+def test_a_request_that_cannot_join_is_not_overtaken_by_later_ones_that_can(pipeline_service):
+    service = CountingBatches(pipeline_service, gated=True)
+    worker = GenerationWorker(lambda: service, queue_size=16, max_batch=8, batch_wait_s=0.2)
+    try:
+        assert worker.wait_until_loaded(30)
+        first = worker.submit(edge_request(request_id="a0"))
+        assert service.started.wait(60)
+        # While a0 runs: b (other steps) queues first, then two that could share a run with each other.
+        later = [worker.submit(edge_request(request_id=name, **values))
+                 for name, values in (("b", {"steps": 6}), ("a1", {}), ("a2", {"seed": 8}))]
+        service.open()
+        for future in (first, *later):
+            future.result(timeout=120)
+    finally:
+        worker.close(timeout=60)
+    assert service.batches == [["a0"], ["b"], ["a1", "a2"]]

@@ -128,7 +128,7 @@ def build_document(app: Flask) -> dict:
                 "Health": _object({"status": {"type": "string", "enum": ["ok"]}}, "status"),
                 "Ready": _object(
                     {
-                        "status": {"type": "string", "enum": ["loading", "ready", "failed", "stopped"]},
+                        "status": {"type": "string", "enum": ["loading", "warming_up", "ready", "failed", "stopped"]},
                         "queue_depth": {"type": "integer", "minimum": 0},
                         "queue_size": {"type": "integer", "minimum": 1},
                         "error": {"type": "string"},

@@ -31,6 +31,7 @@ def ready():
 def _not_ready_message(state: str) -> str:
     return {
         "loading": "The model is still loading; retry in a few seconds.",
+        "warming_up": "The model is warming up (and compiling, with TORCH_COMPILE set); retry in a few seconds.",
         "failed": "The model failed to load; the server log says why.",
     }.get(state, "The generation worker has stopped; the server is shutting down.")
 

@@ -1,0 +1,100 @@
+"""Speed settings (fused attention, channels-last memory, torch.compile) change how fast a picture is
+made, never which picture."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import pytest
+import requests
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+
+from stable_diffusion.pipeline_initialization import load_pipelines
+from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.settings import Settings
+from tests.conftest import API_KEY, LiveServer, tiny_environment
+from tests.images import png_bytes
+from tests.test_batching import assert_same_picture
+from tests.test_models import edge_request
+
+KEY = {"x-api-key": API_KEY}
+
+
+def test_every_attention_layer_uses_pytorchs_fused_attention(pipeline_service):
+    pipe = pipeline_service.pipelines.generate
+    for model in (pipe.unet, pipe.controlnet, pipe.vae):
+        assert model.attn_processors
+        assert all(isinstance(processor, AttnProcessor2_0) for processor in model.attn_processors.values())
+    assert pipeline_service.describe()["attention"] == "sdpa"
+
+
+def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture(tmp_path, pipeline_service):
+    assert pipeline_service.describe()["channels_last"] is False
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, CHANNELS_LAST="on"))
+    channels_last = PipelineService(load_pipelines(settings))
+    assert channels_last.describe()["channels_last"] is True
+    weight = channels_last.pipelines.generate.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    request = edge_request(seed=11)
+    assert_same_picture(channels_last.run(request).images[0], pipeline_service.run(request).images[0])
+
+
+def test_without_compile_or_gpu_there_is_no_warm_up(pipeline_service):
+    pipeline_service.warm_up()
+    assert pipeline_service.describe()["warm_up_seconds"] is None
+
+
+def generate(server, seed: int, picture: bytes | None = None) -> requests.Response:
+    return requests.post(
+        f"{server.url}/generate", headers=KEY, files={"image": ("p.png", picture or png_bytes())},
+        data={"prompt": "a lighthouse", "seed": str(seed)}, verify=server.cert, timeout=300,
+    )
+
+
+def wait_until_ready(server, timeout: float) -> set[str]:
+    """Poll /ready until it answers 200; the states it went through."""
+    states, deadline = set(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.output()
+        try:
+            # The server writes its certificate as it starts.
+            response = requests.get(f"{server.url}/ready", headers=KEY, verify=False, timeout=10)
+        except requests.ConnectionError:
+            time.sleep(0.5)
+            continue
+        states.add(response.json()["status"])
+        if response.ok:
+            return states
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        time.sleep(0.5)
+    pytest.fail(f"not ready after {timeout} s: {states}\n{server.output()}")
+
+
+def test_a_compiled_server_warms_up_before_ready_and_paints_the_same_pictures(tmp_path, live_server):
+    # One picture per run: a CPU compiles the tiny model in minutes, and a batch size would be another
+    # compilation (the warm-up does it when BATCH_SIZE > 1).
+    server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="1")
+    try:
+        assert "warming_up" in wait_until_ready(server, timeout=900)
+        info = requests.get(f"{server.url}/info", headers=KEY, verify=server.cert, timeout=10).json()
+        assert info["torch_compile"] == "default" and info["attention"] == "sdpa"
+        warm_up_seconds = info["warm_up_seconds"]
+        assert warm_up_seconds > 0
+        assert re.search(r"warm-up took [\d.]+ s \(torch.compile: default; 64x64, batches of 1\)", server.output())
+
+        # Requests of the warmed-up size never wait for a compilation, and each is the picture the
+        # uncompiled server paints.
+        square = png_bytes(120, 120)
+        compiled = [generate(server, seed, square) for seed in (21, 22)]
+        eager = [generate(live_server, seed, square) for seed in (21, 22)]
+        for fast, slow in zip(compiled, eager, strict=True):
+            assert fast.status_code == 200, fast.text
+            assert_same_picture(Image.open(io.BytesIO(fast.content)), Image.open(io.BytesIO(slow.content)))
+        run_seconds = [float(s) for s in re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())]
+        assert len(run_seconds) == 2 and max(run_seconds) < warm_up_seconds / 5, (run_seconds, warm_up_seconds)
+    finally:
+        server.stop()
