@@ -8,16 +8,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
+from flask.testing import FlaskClient
 
 from app import create_app
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
 from stable_diffusion.settings import REPO_ROOT, Settings
 from stable_diffusion.worker import GenerationWorker
+from tests.doubles import Gated
 
 API_KEY = "test-key-0123456789abcdef"
 SECOND_KEY = "second-key-fedcba9876543210"
@@ -42,15 +46,32 @@ def tiny_environment(folder: Path, **overrides: str) -> dict[str, str]:
     }
 
 
+def tiny_settings(folder: Path, **overrides: str) -> Settings:
+    return Settings.load(env_file=None, environ=tiny_environment(folder, **overrides))
+
+
+@contextmanager
+def serving(settings: Settings, service: PipelineService, **worker_options) -> Iterator[FlaskClient]:
+    """A test client of an app whose worker runs `service`. On the way out a Gated service's gate is
+    opened, so that the worker can finish its queue and stop."""
+    worker = GenerationWorker(lambda: service, settings.queue_size, **worker_options)
+    try:
+        yield create_app(settings, worker).test_client()
+    finally:
+        if isinstance(service, Gated):
+            service.open()
+        worker.close(timeout=60)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings.load(env_file=None, environ=tiny_environment(tmp_path))
+    return tiny_settings(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def pipeline_service(tmp_path_factory) -> PipelineService:
     folder = tmp_path_factory.mktemp("session")
-    return PipelineService(load_pipelines(Settings.load(env_file=None, environ=tiny_environment(folder))))
+    return PipelineService(load_pipelines(tiny_settings(folder)))
 
 
 @pytest.fixture

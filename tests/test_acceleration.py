@@ -15,8 +15,7 @@ from PIL import Image
 
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.settings import Settings
-from tests.conftest import API_KEY, LiveServer, tiny_environment
+from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.images import png_bytes
 from tests.test_batching import assert_same_picture
 from tests.test_models import edge_request
@@ -34,7 +33,7 @@ def test_every_attention_layer_uses_pytorchs_fused_attention(pipeline_service):
 
 def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture(tmp_path, pipeline_service):
     assert pipeline_service.describe()["channels_last"] is False
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, CHANNELS_LAST="on"))
+    settings = tiny_settings(tmp_path, CHANNELS_LAST="on")
     channels_last = PipelineService(load_pipelines(settings))
     assert channels_last.describe()["channels_last"] is True
     weight = channels_last.pipelines.generate.unet.conv_in.weight

@@ -13,8 +13,7 @@ import pytest
 import requests
 
 from app import create_app
-from stable_diffusion.settings import Settings
-from tests.conftest import API_KEY, LiveServer, tiny_environment
+from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.figures import record
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, files_in, post_generate
@@ -45,7 +44,7 @@ def full_disk(tmp_path):
 
 def test_a_full_disk_is_507_json_with_no_partial_file_and_then_recovers(worker, tmp_path, full_disk):
     folder, filler = full_disk
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, OUTPUT_DIR=str(folder)))
+    settings = tiny_settings(tmp_path, OUTPUT_DIR=str(folder))
     client = create_app(settings, worker).test_client()
     assert_error(post_generate(client, png_bytes()), 507, "disk is full", "Retry later")
     job = wait_for(client, submit(client).get_json()["id"], "failed")

@@ -14,9 +14,7 @@ from werkzeug.datastructures import MultiDict
 
 from app import create_app
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.settings import Settings
-from stable_diffusion.worker import GenerationWorker
-from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
 
@@ -231,7 +229,7 @@ def test_gif_over_the_frame_limit_is_400(client, settings):
 
 
 def test_upload_over_the_size_limit_is_413(tmp_path, worker):
-    small = Settings.load(env_file=None, environ=tiny_environment(tmp_path, MAX_UPLOAD_MB="0.01"))
+    small = tiny_settings(tmp_path, MAX_UPLOAD_MB="0.01")
     client = create_app(small, worker).test_client()
     assert_error(post_generate(client, png_bytes() + b"\0" * 20_000), 413, "0.01 MB", "MAX_UPLOAD_MB")
     assert_error(post_generate(client, b"\0" * 400_000), 413, "0.01 MB", "MAX_UPLOAD_MB")
@@ -259,17 +257,13 @@ class FailingOnce(PipelineService):
     ],
 )
 def test_failed_generation_is_json_and_the_next_request_succeeds(pipeline_service, settings, error, status, words):
-    worker = GenerationWorker(lambda: FailingOnce(pipeline_service, error), settings.queue_size)
-    client = create_app(settings, worker).test_client()
-    try:
+    with serving(settings, FailingOnce(pipeline_service, error)) as client:
         failed = post_generate(client, png_bytes())
         assert_error(failed, status, *words)
         assert "/secret/path" not in failed.get_data(as_text=True)
         assert failed.headers["X-Request-ID"] in failed.get_json()["error"] or status == 503
         assert post_generate(client, png_bytes()).status_code == 200
         record(faults_injected=1, faults_survived=1)
-    finally:
-        worker.close(timeout=60)
 
 
 def test_every_request_is_logged_without_key_or_prompt(client, settings):

@@ -9,10 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from app import create_app
-from stable_diffusion.settings import Settings
-from stable_diffusion.worker import GenerationWorker
-from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, files_in
@@ -52,10 +49,8 @@ def read_events(client, job_id: str, headers=KEY) -> list[tuple[str, dict]]:
 def gated(pipeline_service, settings):
     """An app whose worker holds every run at its start until the test opens the gate."""
     service = Gated(pipeline_service)
-    worker = GenerationWorker(lambda: service, settings.queue_size)
-    yield create_app(settings, worker).test_client(), service
-    service.open()
-    worker.close(timeout=60)
+    with serving(settings, service) as client:
+        yield client, service
 
 
 def test_submit_answers_202_with_the_links(client):
@@ -156,11 +151,8 @@ def test_canceling_a_running_job_stops_it_at_its_next_step(client):
 
 
 def test_a_full_queue_answers_503_with_retry_after(pipeline_service, tmp_path):
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, QUEUE_SIZE="1"))
     service = Gated(pipeline_service)
-    worker = GenerationWorker(lambda: service, settings.queue_size)
-    client = create_app(settings, worker).test_client()
-    try:
+    with serving(tiny_settings(tmp_path, QUEUE_SIZE="1"), service) as client:
         running = submit(client).get_json()["id"]
         assert service.started.wait(30)
         queued = submit(client).get_json()["id"]
@@ -170,9 +162,6 @@ def test_a_full_queue_answers_503_with_retry_after(pipeline_service, tmp_path):
         service.open()
         for job_id in (running, queued):
             wait_for(client, job_id, "succeeded")
-    finally:
-        service.open()
-        worker.close(timeout=60)
 
 
 def test_a_key_sees_only_its_own_jobs(client):
@@ -201,10 +190,8 @@ def test_a_bad_job_is_refused_before_anything_is_queued_or_written(client, setti
 
 
 def test_finished_jobs_and_their_files_go_after_the_retention_period(pipeline_service, tmp_path):
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, JOB_RETENTION_S="1"))
-    worker = GenerationWorker(lambda: pipeline_service, settings.queue_size)
-    client = create_app(settings, worker).test_client()
-    try:
+    settings = tiny_settings(tmp_path, JOB_RETENTION_S="1")
+    with serving(settings, pipeline_service) as client:
         job_id = submit(client).get_json()["id"]
         wait_for(client, job_id, "succeeded")
         assert len(files_in(settings.output_dir)) == 1
@@ -213,5 +200,3 @@ def test_finished_jobs_and_their_files_go_after_the_retention_period(pipeline_se
             assert time.monotonic() < deadline, "the job outlived its retention period"
             time.sleep(0.1)
         assert files_in(settings.output_dir) == [] and files_in(settings.input_dir) == []
-    finally:
-        worker.close(timeout=60)

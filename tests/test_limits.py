@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from app import create_app
-from stable_diffusion.settings import Settings
-from stable_diffusion.worker import GenerationWorker
-from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, post_generate
@@ -17,12 +17,12 @@ KEY, OTHER = {"x-api-key": API_KEY}, {"x-api-key": SECOND_KEY}
 
 
 def preprocess(client, headers=KEY):
-    data = {"image": (__import__("io").BytesIO(png_bytes()), "p.png")}
+    data = {"image": (io.BytesIO(png_bytes()), "p.png")}
     return client.post("/preprocess", headers=headers, data=data, content_type="multipart/form-data")
 
 
 def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(worker, tmp_path):
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, RATE_LIMIT_PER_MINUTE="3"))
+    settings = tiny_settings(tmp_path, RATE_LIMIT_PER_MINUTE="3")
     client = create_app(settings, worker).test_client()
     for _ in range(3):
         assert preprocess(client).status_code == 200
@@ -36,19 +36,16 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(wor
 
 
 def test_rate_limit_zero_turns_it_off(worker, tmp_path):
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, RATE_LIMIT_PER_MINUTE="0"))
+    settings = tiny_settings(tmp_path, RATE_LIMIT_PER_MINUTE="0")
     client = create_app(settings, worker).test_client()
     assert all(preprocess(client).status_code == 200 for _ in range(10))
 
 
 @pytest.fixture
 def capped(pipeline_service, tmp_path):
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, QUEUE_SIZE="6"))
     service = Gated(pipeline_service)
-    worker = GenerationWorker(lambda: service, settings.queue_size, max_per_owner=2)
-    yield create_app(settings, worker).test_client(), service
-    service.open()
-    worker.close(timeout=60)
+    with serving(tiny_settings(tmp_path, QUEUE_SIZE="6"), service, max_per_owner=2) as client:
+        yield client, service
 
 
 def test_one_key_cannot_fill_the_queue_for_everyone(capped):

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from app import PUBLIC_ENDPOINTS, create_app
-from stable_diffusion.settings import REPO_ROOT, Settings, SettingsError
-from tests.conftest import API_KEY, SECOND_KEY, tiny_environment
+from stable_diffusion.settings import REPO_ROOT, SettingsError
+from tests.conftest import API_KEY, SECOND_KEY, tiny_settings
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error
 
@@ -77,7 +77,7 @@ def test_a_key_stored_as_its_sha256_is_accepted_and_the_hash_itself_is_not(worke
     key = re.search(r"secret\): (\S+)", completed.stdout).group(1)
     entry = re.search(r"others\): (sha256:[0-9a-f]{64})", completed.stdout).group(1)
     assert key not in entry
-    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, API_KEY=f"{entry},plain-key-123"))
+    settings = tiny_settings(tmp_path, API_KEY=f"{entry},plain-key-123")
     client = create_app(settings, worker).test_client()
     assert client.get("/ready", headers={"x-api-key": key}).status_code == 200
     assert client.get("/ready", headers={"x-api-key": "plain-key-123"}).status_code == 200
@@ -87,7 +87,7 @@ def test_a_key_stored_as_its_sha256_is_accepted_and_the_hash_itself_is_not(worke
 
 def test_a_malformed_hashed_key_stops_start_up_without_echoing_it(tmp_path):
     with pytest.raises(SettingsError) as raised:
-        Settings.load(env_file=None, environ=tiny_environment(tmp_path, API_KEY="sha256:abc123,secret-neighbour"))
+        tiny_settings(tmp_path, API_KEY="sha256:abc123,secret-neighbour")
     assert "API_KEY" in str(raised.value) and "64 hexadecimal" in str(raised.value)
     assert "secret-neighbour" not in str(raised.value) and "abc123" not in str(raised.value)
 
