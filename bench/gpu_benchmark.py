@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -88,7 +89,8 @@ def main() -> None:
         work = (f"{args.model}, {args.resolution}x{args.resolution}, {args.steps} steps, {args.dtype} on {device}; "
                 f"service: {described}; "
                 f"latency: median of {args.runs} single requests; images/s: {CLIENTS} clients x {args.per_client}")
-        record_entry("Service against plain diffusers, GPU", "python bench/gpu_benchmark.py", work, table)
+        command = "python bench/gpu_benchmark.py " + " ".join(sys.argv[1:])
+        record_entry(f"Service against plain diffusers, {device}", command.strip(), work, table)
 
 
 def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, dict]:

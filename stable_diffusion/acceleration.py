@@ -45,4 +45,8 @@ def apply_speed_settings(
         # eager Python, so their per-step values never become graph guards that force recompiles.
         for model in (pipe.unet, pipe.controlnet):
             model.forward = torch.compile(model.forward, mode=settings.torch_compile)
+        # Both forwards are the same diffusers decorator's code, and torch keeps one cache of graphs per
+        # code: two models times two passes times the batch shapes outgrow its default of 8, after which
+        # it would silently fall back to eager Python.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return Speed("sdpa", channels_last, settings.torch_compile)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -73,27 +74,30 @@ def wait_until_ready(server, timeout: float) -> set[str]:
     pytest.fail(f"not ready after {timeout} s: {states}\n{server.output()}")
 
 
-def test_a_compiled_server_warms_up_before_ready_and_paints_the_same_pictures(tmp_path, live_server):
-    # One picture per run: a CPU compiles the tiny model in minutes, and a batch size would be another
-    # compilation (the warm-up does it when BATCH_SIZE > 1).
-    server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="1")
+def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_request(tmp_path, live_server):
+    # Batches of up to 8 (the default): the warm-up runs 1, 2 and 8 pictures; the test sends a batch of 3.
+    server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="8", BATCH_WAIT_MS="2000",
+                        TORCH_LOGS="recompiles")
     try:
         assert "warming_up" in wait_until_ready(server, timeout=900)
         info = requests.get(f"{server.url}/info", headers=KEY, verify=server.cert, timeout=10).json()
-        assert info["torch_compile"] == "default" and info["attention"] == "sdpa"
-        warm_up_seconds = info["warm_up_seconds"]
-        assert warm_up_seconds > 0
-        assert re.search(r"warm-up took [\d.]+ s \(torch.compile: default; 64x64, batches of 1\)", server.output())
+        assert info["torch_compile"] == "default" and info["attention"] == "sdpa" and info["warm_up_seconds"] > 0
+        warmed_up = re.compile(r"warm-up took [\d.]+ s \(torch.compile: default; 64x64, batches of 1 and 2 and 8\)")
+        assert warmed_up.search(server.output())
 
-        # Requests of the warmed-up size never wait for a compilation, and each is the picture the
-        # uncompiled server paints.
+        # Three at once share one run (so they report the same run time), then one alone: each is the
+        # picture the uncompiled server paints, and none of them made torch compile anything.
         square = png_bytes(120, 120)
-        compiled = [generate(server, seed, square) for seed in (21, 22)]
-        eager = [generate(live_server, seed, square) for seed in (21, 22)]
-        for fast, slow in zip(compiled, eager, strict=True):
+        with ThreadPoolExecutor(3) as pool:
+            compiled = list(pool.map(lambda seed: generate(server, seed, square), (21, 22, 23)))
+        compiled.append(generate(server, 24, square))
+        for seed, fast in zip((21, 22, 23, 24), compiled, strict=True):
             assert fast.status_code == 200, fast.text
+            slow = generate(live_server, seed, square)
             assert_same_picture(Image.open(io.BytesIO(fast.content)), Image.open(io.BytesIO(slow.content)))
-        run_seconds = [float(s) for s in re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())]
-        assert len(run_seconds) == 2 and max(run_seconds) < warm_up_seconds / 5, (run_seconds, warm_up_seconds)
+        run_seconds = re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())
+        assert len(run_seconds) == 4 and len(set(run_seconds[:3])) == 1, run_seconds
+        after_warm_up = server.output()[warmed_up.search(server.output()).end():]
+        assert "Recompiling" not in after_warm_up, after_warm_up[-3000:]
     finally:
         server.stop()

@@ -36,7 +36,8 @@ def test_missing_api_key_says_how_to_set_it(environ):
 @pytest.mark.parametrize(
     ("name", "value"),
     [("SERVER_PORT", "http"), ("SERVER_PORT", "70000"), ("DEVICE", "tpu"), ("DTYPE", "int8"),
-     ("DEFAULT_RESOLUTION", "500"), ("MAX_UPLOAD_MB", "-1"), ("TLS", "maybe")],
+     ("DEFAULT_RESOLUTION", "500"), ("MAX_UPLOAD_MB", "-1"), ("TLS", "maybe"),
+     ("CHANNELS_LAST", "yes"), ("TORCH_COMPILE", "fast")],
 )
 def test_invalid_setting_is_named(name, value):
     with pytest.raises(SettingsError, match=f"invalid setting {name} \\(got '{value}'\\)"):
