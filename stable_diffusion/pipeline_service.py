@@ -20,6 +20,7 @@ from PIL import Image
 
 from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_initialization import Pipelines
+from stable_diffusion.staggered_starts import StaggeredStarts, start_step
 
 SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, "UniPC"),
@@ -140,7 +141,8 @@ class PipelineService:
     ) -> list[GenerationResult | GenerationCanceled]:
         """Generate for requests that share size, steps and sampler, in denoising runs of at most
         `max_batch` pictures (GIF frames count one each). Every request keeps its own prompts, seed,
-        guidance, ControlNet weight and window, and refine strength. A request whose `on_step` raises
+        guidance, ControlNet weight and window, and refine strength (refining in one run, each sample
+        from its own start: see staggered_starts.py). A request whose `on_step` raises
         GenerationCanceled drops out; its entry in the answer is that exception."""
         started = time.perf_counter()
         # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it.
@@ -167,11 +169,12 @@ class PipelineService:
             try:
                 # 3. Generate, following each sample's edge map.
                 generated = self._generate(chunk, progress)
-                # 4. Refine: a low-strength img2img pass over the result, guided by the same edges. Its
-                #    strength sets where its schedule starts, so samples refine in groups of one strength.
-                for group in _by_refine_strength(chunk):
-                    refined = self._refine([chunk[i] for i in group], [generated[i] for i in group], progress)
-                    for i, image in zip(group, refined, strict=True):
+                # 4. Refine: a low-strength img2img pass over the result, guided by the same edges, in one
+                #    run whatever the samples' strengths (each starts at its own step).
+                refining = [i for i, sample in enumerate(chunk) if sample.request.refine_steps]
+                if refining:
+                    refined = self._refine([chunk[i] for i in refining], [generated[i] for i in refining], progress)
+                    for i, image in zip(refining, refined, strict=True):
                         generated[i] = image
             except GenerationCanceled:
                 continue  # every sample of this run was canceled
@@ -187,7 +190,7 @@ class PipelineService:
     def _generate(self, samples: list[_Sample], progress: _BatchProgress) -> list[Image.Image]:
         width, height = samples[0].request.size
         steps = samples[0].request.steps
-        with self._per_sample.applied([sample.request for sample in samples], steps):
+        with self._per_sample.applied([sample.request for sample in samples], [0] * len(samples), steps):
             return self.pipelines.generate(
                 image=[sample.control_image for sample in samples],
                 width=width,
@@ -196,15 +199,23 @@ class PipelineService:
             ).images
 
     def _refine(self, samples: list[_Sample], images: list[Image.Image], progress) -> list[Image.Image]:
-        if not samples[0].request.refine_steps:
-            return images
-        with self._per_sample.applied([sample.request for sample in samples], samples[0].request.refine_steps):
-            return self.pipelines.refine(
-                image=images,
-                control_image=[sample.control_image for sample in samples],
-                strength=samples[0].request.refine_strength,
-                **_shared_arguments(samples, progress),
-            ).images
+        steps = samples[0].request.steps
+        starts = [start_step(steps, sample.request.refine_strength) for sample in samples]
+        first = min(starts)
+        refine = self.pipelines.refine
+        shared_scheduler = refine.scheduler
+        if len(set(starts)) > 1:
+            refine.scheduler = StaggeredStarts(shared_scheduler, starts)
+        try:
+            with self._per_sample.applied([sample.request for sample in samples], starts, steps):
+                return refine(
+                    image=images,
+                    control_image=[sample.control_image for sample in samples],
+                    strength=max(sample.request.refine_strength for sample in samples),
+                    **_shared_arguments(samples, progress, [start - first for start in starts]),
+                ).images
+        finally:
+            refine.scheduler = shared_scheduler
 
 
 @dataclass(frozen=True)
@@ -216,16 +227,10 @@ class _Sample:
     control_image: Image.Image
 
 
-def _by_refine_strength(samples: list[_Sample]) -> list[list[int]]:
-    groups: dict[float, list[int]] = {}
-    for position, sample in enumerate(samples):
-        groups.setdefault(sample.request.refine_strength, []).append(position)
-    return list(groups.values())
-
-
-def _shared_arguments(samples: list[_Sample], progress: _BatchProgress) -> dict:
+def _shared_arguments(samples: list[_Sample], progress: _BatchProgress, waits: list[int] | None = None) -> dict:
     """What both passes take alike. Guidance and ControlNet weighting are set per sample by
-    `_PerSampleControls`, so the pipeline gets neutral values here."""
+    `_PerSampleControls`, so the pipeline gets neutral values here. `waits[i]`: the steps of the run
+    before sample `i` starts (refine strengths below the highest)."""
     return {
         "prompt": [sample.request.prompt for sample in samples],
         "negative_prompt": [sample.request.negative_prompt for sample in samples],
@@ -237,23 +242,26 @@ def _shared_arguments(samples: list[_Sample], progress: _BatchProgress) -> dict:
         # Seeded on the CPU so that a seed gives the same picture on every device; every frame of a GIF
         # gets its request's seed, so the frames share their noise.
         "generator": [torch.Generator("cpu").manual_seed(sample.request.seed) for sample in samples],
-        "callback_on_step_end": progress.callback_for(samples),
+        "callback_on_step_end": progress.callback_for(samples, waits or [0] * len(samples)),
     }
 
 
 class _PerSampleControls:
     """diffusers' pipelines take one guidance scale and one ControlNet weight and window for a whole
-    batch; forward hooks on the (shared) UNet and ControlNet give every sample its own, as tensors."""
+    batch; forward hooks on the (shared) UNet and ControlNet give every sample its own, as tensors.
+    Sample `i` runs schedule steps `starts[i]` to `steps`; its ControlNet window is a share of those."""
 
     def __init__(self, pipelines: Pipelines) -> None:
         self._requests: list[GenerationRequest] | None = None
+        self._starts: list[int] = []
         self._steps = self._step = 0
         pipelines.generate.controlnet.register_forward_hook(self._weigh_controlnet)
         pipelines.generate.unet.register_forward_hook(self._guide)
 
     @contextmanager
-    def applied(self, requests: list[GenerationRequest], steps: int):
-        self._requests, self._steps, self._step = requests, steps, 0
+    def applied(self, requests: list[GenerationRequest], starts: list[int], steps: int):
+        self._requests, self._starts, self._steps = requests, starts, steps
+        self._step = min(starts)
         try:
             yield
         finally:
@@ -262,11 +270,11 @@ class _PerSampleControls:
     def _weigh_controlnet(self, module, args, output):
         if self._requests is None:
             return output
-        step, steps = self._step, self._steps
+        step = self._step
         self._step += 1
         weights = [
-            0.0 if step / steps < r.control_start or (step + 1) / steps > r.control_end else r.sensitivity
-            for r in self._requests
+            _controlnet_weight(request, step - start, self._steps - start)
+            for request, start in zip(self._requests, self._starts, strict=True)
         ]
         down, mid = output
         # The batch is [unconditional..., conditional...]: both halves get a sample's weight.
@@ -284,6 +292,13 @@ class _PerSampleControls:
         ).view(-1, 1, 1, 1)
         guided = unconditional + ratio * (conditional - unconditional)
         return (torch.cat([unconditional, guided]), *output[1:])
+
+
+def _controlnet_weight(request: GenerationRequest, step: int, steps: int) -> float:
+    """diffusers' ControlNet window: on for the steps inside [control_start, control_end] of the run."""
+    if step < 0 or step / steps < request.control_start or (step + 1) / steps > request.control_end:
+        return 0.0
+    return request.sensitivity
 
 
 class _BatchProgress:
@@ -305,16 +320,17 @@ class _BatchProgress:
         for index in range(len(self.requests)):
             self._notify(index, None)
 
-    def callback_for(self, samples: list[_Sample]):
+    def callback_for(self, samples: list[_Sample], waits: list[int]):
+        """The pipeline's step callback for a run of `samples`; sample `i` starts after `waits[i]` steps."""
         first_position = {}
         for position, sample in enumerate(samples):
             first_position.setdefault(sample.index, position)
 
         def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
             for index, position in first_position.items():
-                if index in self.canceled:
+                if index in self.canceled or step < waits[position]:
                     continue
-                self.done[index] = min(self.done[index] + 1, self.total[index])
+                self.done[index] += 1
                 latents = callback_kwargs["latents"][position : position + 1]
                 if self.requests[index].progress_gif:
                     self.previews[index].append(decode_latents(pipe, latents)[0])

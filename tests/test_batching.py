@@ -4,6 +4,7 @@ values, with the same pictures as when run alone."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_service import PipelineService
@@ -50,6 +51,36 @@ def test_a_canceled_request_drops_out_and_the_rest_of_its_batch_finishes(pipelin
     kept, dropped = pipeline_service.run_batch(requests, [None, cancel_at_step_two])
     assert isinstance(dropped, GenerationCanceled)
     assert_same_picture(kept.images[0], pipeline_service.run(requests[0]).images[0])
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "dpmpp_2m", "euler_a", "euler", "ddim"])
+def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_service, scheduler):
+    # Of 10 steps, refinement runs the last 5, 3, 8 and 0 (none); ControlNet windows are shares of those.
+    values = [
+        {"refine_strength": 0.5, "seed": 1},
+        {"refine_strength": 0.3, "seed": 2, "control_start": 0.4, "sensitivity": 0.6},
+        {"refine_strength": 0.8, "seed": 3, "guidance_scale": 4.0, "control_end": 0.5},
+        {"refine_strength": 0.0, "seed": 4},
+    ]
+    requests = [edge_request(request_id=f"r{i}", steps=10, scheduler=scheduler, **v) for i, v in enumerate(values)]
+    progress = [[] for _ in requests]
+    unet_batches = []
+    hook = pipeline_service.pipelines.generate.unet.register_forward_hook(
+        lambda module, args, output: unet_batches.append(args[0].shape[0])
+    )
+    try:
+        batched = pipeline_service.run_batch(
+            requests, [lambda done, total, preview, seen=seen: seen.append((done, total)) for seen in progress]
+        )
+    finally:
+        hook.remove()
+    # 10 steps for all four, then one refine run as long as the strongest, for the three that refine.
+    assert unet_batches == [2 * 4] * 10 + [2 * 3] * 8
+    for request, seen in zip(requests, progress, strict=True):
+        total = request.steps + request.refine_steps
+        assert seen == [(done, total) for done in range(total + 1)]
+    for request, together in zip(requests, batched, strict=True):
+        assert_same_picture(together.images[0], pipeline_service.run(request).images[0])
 
 
 class CountingBatches(Gated):
