@@ -95,11 +95,15 @@ def main() -> None:
 
 def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, dict]:
     """The worker with dynamic batching, warmed up (and compiled) as the server does before /ready."""
-    service = PipelineService(load_pipelines(settings), max_batch=CLIENTS, warm_up_size=args.resolution)
-    worker = GenerationWorker(lambda: service, queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01)
-    worker.wait_until_loaded()
+    # Loaded on the worker thread, as the server does, so all torch work happens on one thread.
+    worker = GenerationWorker(
+        lambda: PipelineService(load_pipelines(settings), max_batch=CLIENTS, warm_up_size=args.resolution),
+        queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01,
+    )
+    if not worker.wait_until_loaded():
+        raise SystemExit(f"the service path failed to load: {worker.load_error!r}")
     try:
-        return service.describe(), {
+        return worker.service.describe(), {
             refine: _measure(lambda request=request: worker.submit(request).result(), args.runs, args.per_client)
             for refine, request in requests.items()
         }

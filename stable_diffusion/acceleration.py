@@ -3,6 +3,7 @@ torch.compile of the two models that run at every denoising step."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,9 @@ from diffusers import StableDiffusionControlNetPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from stable_diffusion.settings import Settings
+
+# Graphs kept per compiled model: batch sizes, both passes, a few picture sizes.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,17 @@ def apply_speed_settings(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
     if settings.torch_compile != "off":
+        # Both forwards are the same diffusers decorator's code, and torch keeps one cache of graphs per
+        # code: two models times two passes times the batch shapes outgrow its default limit of 8, after
+        # which it silently falls back to eager Python. Newer torch takes the limit per compiled region
+        # (its dynamo config is per thread there, and the worker may not be the thread that loads);
+        # older torch has only the process-wide setting.
+        options: dict[str, object] = {"mode": settings.torch_compile}
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            options |= {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # `forward` rather than the module: the per-sample guidance and ControlNet-weight hooks stay in
         # eager Python, so their per-step values never become graph guards that force recompiles.
         for model in (pipe.unet, pipe.controlnet):
-            model.forward = torch.compile(model.forward, mode=settings.torch_compile)
-        # Both forwards are the same diffusers decorator's code, and torch keeps one cache of graphs per
-        # code: two models times two passes times the batch shapes outgrow its default of 8, after which
-        # it would silently fall back to eager Python.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            model.forward = torch.compile(model.forward, **options)
     return Speed("sdpa", channels_last, settings.torch_compile)

@@ -3,6 +3,8 @@ values, with the same pictures as when run alone."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -89,11 +91,13 @@ class CountingBatches(Gated):
     def __init__(self, service: PipelineService, gated: bool = False) -> None:
         super().__init__(service)
         self.batches: list[list[str]] = []
+        self.started_at: list[float] = []
         if not gated:
             self.open()
 
     def run_batch(self, requests, on_steps):
         self.batches.append([request.request_id for request in requests])
+        self.started_at.append(time.monotonic())
         return super().run_batch(requests, on_steps)
 
 
@@ -162,3 +166,24 @@ def test_a_request_that_cannot_join_is_not_overtaken_by_later_ones_that_can(pipe
     finally:
         worker.close(timeout=60)
     assert service.batches == [["a0"], ["b"], ["a1", "a2"]]
+
+
+def test_companions_are_awaited_at_most_the_wait_bound_however_many_others_arrive(pipeline_service):
+    wait = 1.5
+    service = CountingBatches(pipeline_service)
+    worker = GenerationWorker(lambda: service, queue_size=16, max_batch=8, batch_wait_s=wait)
+    try:
+        assert worker.wait_until_loaded(30)
+        submitted = time.monotonic()
+        futures = [worker.submit(edge_request(request_id="a0", steps=2))]
+        # Within a0's window: one companion, and requests that cannot join, none of which extends it.
+        for name, values in (("b", {"steps": 3}), ("a1", {"steps": 2, "seed": 8}), ("c", {"steps": 4})):
+            time.sleep(wait / 4)
+            futures.append(worker.submit(edge_request(request_id=name, **values)))
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        worker.close(timeout=60)
+    assert service.batches == [["a0", "a1"], ["b"], ["c"]]
+    # a0 waited its whole window for companions, and not much longer (slack for a busy test machine).
+    assert wait - 0.05 <= service.started_at[0] - submitted <= wait + 0.5
