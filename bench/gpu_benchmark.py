@@ -84,9 +84,11 @@ def main() -> None:
         *rows,
     ])
     warm_up = described["warm_up_seconds"]
-    print(f"device: {device}; service warm-up (compilation included): {warm_up} s\n{table}")
+    width, height = requests[0.0].size
+    print(f"device: {device}; {width}x{height}, {args.steps} steps; "
+          f"service warm-up (compilation included): {warm_up} s\n{table}")
     if not args.no_record:
-        work = (f"{args.model}, {args.resolution}x{args.resolution}, {args.steps} steps, {args.dtype} on {device}; "
+        work = (f"{args.model}, {width}x{height}, {args.steps} steps, {args.dtype} on {device}; "
                 f"service: {described}; "
                 f"latency: median of {args.runs} single requests; images/s: {CLIENTS} clients x {args.per_client}")
         command = "python bench/gpu_benchmark.py " + " ".join(sys.argv[1:])
@@ -135,7 +137,7 @@ def _request(settings: Settings, args, refine: float):
         {"prompt": "a lighthouse", "resolution": str(args.resolution), "steps": str(args.steps),
          "seed": "1", "refine_strength": str(refine)}
     )
-    return build_request("bench", fields, decode_upload(picture(), DecodeLimits(10**8, 1)))
+    return build_request("bench", fields, decode_upload(picture(256, 256), DecodeLimits(10**8, 1)))
 
 
 def _plain_call(pipelines, request):

@@ -41,8 +41,8 @@ KEY = "bench-key"
 FIELDS = {"prompt": "a lighthouse on a cliff", "resolution": "256", "steps": "20", "seed": "1"}
 
 
-def picture() -> bytes:
-    image = Image.new("RGB", (384, 256), "white")
+def picture(width: int = 384, height: int = 256) -> bytes:
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle((40, 40, 200, 200), outline="black", width=4)
     draw.ellipse((150, 60, 340, 230), outline="black", width=4)

@@ -18,6 +18,8 @@ def test_gpu_benchmark_prints_both_paths_for_both_refine_strengths():
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    # The work is square (512x512 by default), whatever the picture sent.
+    assert re.search(r"^device: cpu; 64x64, 2 steps;", completed.stdout, re.M), completed.stdout
     rows = re.findall(r"^\| (service \(batching, compile off\)|plain diffusers, one at a time) \| (0|0\.3) \| "
                       r"([\d.]+) \| ([\d.]+) \|", completed.stdout, re.M)
     assert sorted((path[:7], refine) for path, refine, _, _ in rows) == [
