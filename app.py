@@ -84,7 +84,8 @@ def start_worker(settings: Settings, on_load_failed=None) -> GenerationWorker:
     """The worker for the configured model; it loads the model on its own thread."""
     return GenerationWorker(
         lambda: PipelineService(
-            load_pipelines(settings), max_batch=settings.batch_size, warm_up_size=settings.default_resolution
+            load_pipelines(settings), max_batch=settings.batch_size,
+            warm_up_sizes=settings.warm_up_sizes or ((settings.default_resolution,) * 2,),
         ),
         settings.queue_size,
         on_load_failed=on_load_failed,

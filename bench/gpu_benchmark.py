@@ -99,7 +99,8 @@ def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, di
     """The worker with dynamic batching, warmed up (and compiled) as the server does before /ready."""
     # Loaded on the worker thread, as the server does, so all torch work happens on one thread.
     worker = GenerationWorker(
-        lambda: PipelineService(load_pipelines(settings), max_batch=CLIENTS, warm_up_size=args.resolution),
+        lambda: PipelineService(load_pipelines(settings), max_batch=CLIENTS,
+                                warm_up_sizes=((args.resolution,) * 2,)),
         queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01,
     )
     if not worker.wait_until_loaded():

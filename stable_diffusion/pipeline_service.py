@@ -81,10 +81,12 @@ class GenerationResult:
 class PipelineService:
     """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run` and `run_batch`."""
 
-    def __init__(self, pipelines: Pipelines, max_batch: int = 8, warm_up_size: int = 512) -> None:
+    def __init__(
+        self, pipelines: Pipelines, max_batch: int = 8, warm_up_sizes: tuple[tuple[int, int], ...] = ((512, 512),)
+    ) -> None:
         self.pipelines = pipelines
         self.max_batch = max_batch
-        self.warm_up_size = warm_up_size
+        self.warm_up_sizes = warm_up_sizes
         self.warm_up_seconds: float | None = None
         self._schedulers = {
             name: cls.from_config(pipelines.generate.scheduler.config)
@@ -106,11 +108,12 @@ class PipelineService:
             "max_batch": self.max_batch,
             **self.pipelines.speed.describe(),
             "warm_up_seconds": None if self.warm_up_seconds is None else round(self.warm_up_seconds, 3),
+            "warm_up_sizes": _sizes(self.warm_up_sizes) if self.pipelines.needs_warm_up else [],
         }
 
     def warm_up(self) -> None:
-        """Where the pipelines need it (compiled models, a GPU), generate at the default size, both
-        passes, for 1, 2 and `max_batch` pictures, so that requests of that size never wait for a
+        """Where the pipelines need it (compiled models, a GPU), generate at each warm-up size, both
+        passes, for 1, 2 and `max_batch` pictures, so that requests of those sizes never wait for a
         compilation. torch.compile first builds a graph for batch 1 alone; seeing the batch change, it
         builds one for any batch, and the full batch covers the guards that graph may take on large
         batches (a test checks that a batch of 3 compiles nothing after warming up with 1, 2 and 8).
@@ -118,15 +121,16 @@ class PipelineService:
         if not self.pipelines.needs_warm_up:
             return
         started = time.perf_counter()
-        edges = Image.new("RGB", (self.warm_up_size, self.warm_up_size))
-        request = GenerationRequest("warm-up", (edges,), "warm-up", steps=4, refine_strength=0.5)
         batches = sorted({1, min(2, self.max_batch), self.max_batch})
-        for batch in batches:
-            self.run_batch([request] * batch, [None] * batch)
+        for size in self.warm_up_sizes:
+            edges = Image.new("RGB", size)
+            request = GenerationRequest("warm-up", (edges,), "warm-up", steps=4, refine_strength=0.5)
+            for batch in batches:
+                self.run_batch([request] * batch, [None] * batch)
         self.warm_up_seconds = time.perf_counter() - started
         log.info(
-            "warm-up took %.1f s (torch.compile: %s; %dx%d, batches of %s)", self.warm_up_seconds,
-            self.pipelines.speed.compile_mode, self.warm_up_size, self.warm_up_size,
+            "warm-up took %.1f s (torch.compile: %s; %s, batches of %s)", self.warm_up_seconds,
+            self.pipelines.speed.compile_mode, " and ".join(_sizes(self.warm_up_sizes)),
             " and ".join(map(str, batches)),
         )
 
@@ -399,3 +403,7 @@ def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
             ", ".join(f"{key}: {value}" for key, value in settings.items()),
         ]
     )
+
+
+def _sizes(sizes: tuple[tuple[int, int], ...]) -> list[str]:
+    return [f"{width}x{height}" for width, height in sizes]

@@ -50,6 +50,9 @@ class Settings(BaseModel):
 
     default_resolution: int = Field(512, alias="DEFAULT_RESOLUTION", ge=64, le=4096, multiple_of=8)
     max_resolution: int = Field(1024, alias="MAX_RESOLUTION", ge=64, le=4096, multiple_of=8)
+    # Output sizes (WIDTHxHEIGHT) the warm-up compiles for, with TORCH_COMPILE on; none: DEFAULT_RESOLUTION
+    # square. A size left out compiles on its first request.
+    warm_up_sizes: tuple[tuple[int, int], ...] = Field((), alias="WARM_UP_SIZES")
     default_steps: int = Field(20, alias="DEFAULT_STEPS", ge=1, le=500)
     max_steps: int = Field(100, alias="MAX_STEPS", ge=1, le=500)
     refine_strength: float = Field(0.3, alias="REFINE_STRENGTH", ge=0.0, le=1.0)
@@ -92,6 +95,31 @@ class Settings(BaseModel):
     def _keys_well_formed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
             entry_digest(entry)
+        return value
+
+    @field_validator("warm_up_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        sizes = []
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            width, separator, height = entry.lower().partition("x")
+            if not (separator and width.isdigit() and height.isdigit()):
+                raise ValueError(f"{entry!r} is not WIDTHxHEIGHT; write sizes like 512x512,512x384")
+            sizes.append((int(width), int(height)))
+        return tuple(sizes)
+
+    @field_validator("warm_up_sizes")
+    @classmethod
+    def _sizes_servable(cls, value: tuple[tuple[int, int], ...], info) -> tuple[tuple[int, int], ...]:
+        largest = info.data.get("max_resolution", 4096)
+        for width, height in value:
+            if width % 8 or height % 8 or not 8 <= min(width, height) <= max(width, height) <= largest:
+                raise ValueError(
+                    f"{width}x{height} is not an output size: both sides multiples of 8, at most "
+                    f"MAX_RESOLUTION ({largest})"
+                )
         return value
 
     @field_validator("max_resolution", "max_steps")

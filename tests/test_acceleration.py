@@ -46,6 +46,7 @@ def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture
 def test_without_compile_or_gpu_there_is_no_warm_up(pipeline_service):
     pipeline_service.warm_up()
     assert pipeline_service.describe()["warm_up_seconds"] is None
+    assert pipeline_service.describe()["warm_up_sizes"] == []
 
 
 def generate(server, seed: int, picture: bytes | None = None) -> requests.Response:
@@ -75,26 +76,32 @@ def wait_until_ready(server, timeout: float) -> set[str]:
 
 
 def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_request(tmp_path, live_server):
-    # Batches of up to 8 (the default): the warm-up runs 1, 2 and 8 pictures; the test sends a batch of 3.
+    # Batches of up to 8 (the default): the warm-up runs 1, 2 and 8 pictures of each size; the test sends
+    # a batch of 3 square pictures and a 4:3 one alone (64x48 at the tests' resolution of 64).
     server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="8", BATCH_WAIT_MS="2000",
-                        TORCH_LOGS="recompiles")
+                        WARM_UP_SIZES="64x64,64x48", TORCH_LOGS="recompiles")
     try:
         assert "warming_up" in wait_until_ready(server, timeout=900)
         info = requests.get(f"{server.url}/info", headers=KEY, verify=server.cert, timeout=10).json()
         assert info["torch_compile"] == "default" and info["attention"] == "sdpa" and info["warm_up_seconds"] > 0
-        warmed_up = re.compile(r"warm-up took [\d.]+ s \(torch.compile: default; 64x64, batches of 1 and 2 and 8\)")
+        assert info["warm_up_sizes"] == ["64x64", "64x48"]
+        warmed_up = re.compile(
+            r"warm-up took [\d.]+ s \(torch.compile: default; 64x64 and 64x48, batches of 1 and 2 and 8\)"
+        )
         assert warmed_up.search(server.output())
 
         # Three at once share one run (so they report the same run time), then one alone: each is the
         # picture the uncompiled server paints, and none of them made torch compile anything.
-        square = png_bytes(120, 120)
+        square, four_by_three = png_bytes(120, 120), png_bytes(120, 90)
+        pictures = (square, square, square, four_by_three)
         with ThreadPoolExecutor(3) as pool:
             compiled = list(pool.map(lambda seed: generate(server, seed, square), (21, 22, 23)))
-        compiled.append(generate(server, 24, square))
-        for seed, fast in zip((21, 22, 23, 24), compiled, strict=True):
+        compiled.append(generate(server, 24, four_by_three))
+        for seed, picture, fast in zip((21, 22, 23, 24), pictures, compiled, strict=True):
             assert fast.status_code == 200, fast.text
-            slow = generate(live_server, seed, square)
+            slow = generate(live_server, seed, picture)
             assert_same_picture(Image.open(io.BytesIO(fast.content)), Image.open(io.BytesIO(slow.content)))
+        assert Image.open(io.BytesIO(compiled[-1].content)).size == (64, 48)
         run_seconds = re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())
         assert len(run_seconds) == 4 and len(set(run_seconds[:3])) == 1, run_seconds
         after_warm_up = server.output()[warmed_up.search(server.output()).end():]

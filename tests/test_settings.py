@@ -37,11 +37,17 @@ def test_missing_api_key_says_how_to_set_it(environ):
     ("name", "value"),
     [("SERVER_PORT", "http"), ("SERVER_PORT", "70000"), ("DEVICE", "tpu"), ("DTYPE", "int8"),
      ("DEFAULT_RESOLUTION", "500"), ("MAX_UPLOAD_MB", "-1"), ("TLS", "maybe"),
-     ("CHANNELS_LAST", "yes"), ("TORCH_COMPILE", "fast")],
+     ("CHANNELS_LAST", "yes"), ("TORCH_COMPILE", "fast"), ("WARM_UP_SIZES", "512"),
+     ("WARM_UP_SIZES", "512x500"), ("WARM_UP_SIZES", "512x512,2048x512")],
 )
 def test_invalid_setting_is_named(name, value):
     with pytest.raises(SettingsError, match=f"invalid setting {name} \\(got '{value}'\\)"):
         Settings.load(env_file=None, environ={"API_KEY": "k", name: value})
+
+
+def test_warm_up_sizes_are_width_by_height_pairs():
+    settings = Settings.load(env_file=None, environ={"API_KEY": "k", "WARM_UP_SIZES": "512x512, 512X384,,"})
+    assert settings.warm_up_sizes == ((512, 512), (512, 384))
 
 
 def test_limits_must_cover_defaults():
