@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import uuid
@@ -24,7 +25,7 @@ from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
 from stable_diffusion.request_fields import edge_fields_model, generate_fields_model
 from stable_diffusion.settings import Settings, SettingsError
-from stable_diffusion.tls import ensure_self_signed_certificate
+from stable_diffusion.tls import CertificateError, ensure_certificate
 from stable_diffusion.worker import GenerationWorker
 from web.images import images
 from web.jobs import jobs
@@ -235,8 +236,12 @@ def main() -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.tls and ensure_self_signed_certificate(settings.ssl_cert_file, settings.ssl_key_file):
-        print(f"created a self-signed certificate in {settings.ssl_cert_file.parent}", file=sys.stderr)
+    try:
+        if settings.tls and ensure_certificate(settings.tls_cert_file, settings.tls_key_file):
+            print(f"created a self-signed certificate: {settings.tls_cert_file}", file=sys.stderr)
+    except CertificateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     GunicornServer(settings).run()
     return 0
 
@@ -250,7 +255,7 @@ class GunicornServer(BaseApplication):
 
     def load_config(self) -> None:
         settings = self.settings
-        host = f"[{settings.server_ip}]" if ":" in settings.server_ip else settings.server_ip
+        host = _listening_address(settings.server_ip)
         options = {
             "bind": f"{host}:{settings.server_port}",
             "workers": 1,
@@ -268,13 +273,30 @@ class GunicornServer(BaseApplication):
             "limit_request_field_size": 32 * 1024,
         }
         if settings.tls:
-            options |= {"certfile": str(settings.ssl_cert_file), "keyfile": str(settings.ssl_key_file)}
+            options |= {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
         return create_app(self.settings, start_worker(self.settings, on_load_failed=_stop_serving))
+
+
+def _listening_address(server_ip: str) -> str:
+    """gunicorn's form of the address: `::` (every IPv6 and, on a dual-stack system, IPv4 address) falls
+    back to 0.0.0.0 where the machine has no IPv6."""
+    if server_ip == "::" and not _ipv6_available():
+        return "0.0.0.0"
+    return f"[{server_ip}]" if ":" in server_ip else server_ip
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _finish_work(server, worker) -> None:

@@ -62,7 +62,7 @@ def live_server(environment: dict[str, str], port: int) -> Iterator[str]:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{url}/health", verify=environment["SSL_CERT_FILE"], timeout=2).ok:
+                if requests.get(f"{url}/health", verify=environment["TLS_CERT_FILE"], timeout=2).ok:
                     break
             except (requests.ConnectionError, OSError):
                 if time.monotonic() > deadline or process.poll() is not None:
@@ -90,7 +90,7 @@ def measure(environment: dict[str, str], port: int, upload: bytes, runs: int) ->
         def over_https() -> None:
             response = session.post(
                 f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
-                data=FIELDS, verify=environment["SSL_CERT_FILE"], timeout=300,
+                data=FIELDS, verify=environment["TLS_CERT_FILE"], timeout=300,
             )
             response.raise_for_status()
 
@@ -112,9 +112,10 @@ def timed(call) -> float:
 def server_environment(folder: str, port: int, **extra: str) -> dict[str, str]:
     """The settings of a tiny-model server on the CPU whose files all live under `folder`."""
     return {
-        "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu", "SERVER_IP": "127.0.0.1", "SERVER_PORT": str(port),
+        "SD_ENV_FILE": "", "API_KEY": KEY, "SD_MODEL": "tiny", "DEVICE": "cpu",
+        "SERVER_IP": "127.0.0.1", "SERVER_PORT": str(port),
         "INPUT_DIR": f"{folder}/in", "OUTPUT_DIR": f"{folder}/out", "LOG_FILE": f"{folder}/api.log",
-        "SSL_CERT_FILE": f"{folder}/cert.pem", "SSL_KEY_FILE": f"{folder}/key.pem",
+        "TLS_CERT_FILE": f"{folder}/cert.pem", "TLS_KEY_FILE": f"{folder}/key.pem",
         "JOBS_DB": f"{folder}/jobs.sqlite3",
     } | extra
 

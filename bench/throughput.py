@@ -59,7 +59,7 @@ def main() -> None:
                 RATE_LIMIT_PER_MINUTE="0", MAX_QUEUED_PER_KEY="100",
             )
             urls[batch_size] = servers.enter_context(live_server(environment, port))
-            certs[batch_size] = environment["SSL_CERT_FILE"]
+            certs[batch_size] = environment["TLS_CERT_FILE"]
             images_per_second(urls[batch_size], certs[batch_size], 1, 1, fields, upload)  # warm-up
         measured = {(size, clients): [] for size in BATCH_SIZES for clients in CLIENTS}
         for _ in range(args.rounds):

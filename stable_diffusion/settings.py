@@ -14,6 +14,12 @@ from stable_diffusion.api_keys import entry_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+DEFAULT_ENV_FILE = REPO_ROOT / ".env"
+# Names another settings file; empty: read none (the tests' servers never read a user's .env).
+ENV_FILE_VARIABLE = "SD_ENV_FILE"
+# Old names no longer read, because other software reads them with another meaning.
+RENAMED_SETTINGS = {"SSL_CERT_FILE": "TLS_CERT_FILE", "SSL_KEY_FILE": "TLS_KEY_FILE"}
+
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CANNY_CONTROLNET_ID = "lllyasviel/sd-controlnet-canny"
 
@@ -28,11 +34,13 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
     api_keys: tuple[str, ...] = Field(alias="API_KEY", repr=False, min_length=1)
-    server_ip: str = Field("0.0.0.0", alias="SERVER_IP")
+    # `::` listens on every IPv6 and IPv4 address (0.0.0.0 where the machine has no IPv6).
+    server_ip: str = Field("::", alias="SERVER_IP")
     server_port: int = Field(5000, alias="SERVER_PORT", ge=0, le=65535)
     tls: bool = Field(True, alias="TLS")
-    ssl_cert_file: Path = Field(REPO_ROOT / "ssl_cert" / "cert.pem", alias="SSL_CERT_FILE")
-    ssl_key_file: Path = Field(REPO_ROOT / "ssl_cert" / "key.pem", alias="SSL_KEY_FILE")
+    # Not SSL_CERT_FILE: OpenSSL, Python's ssl, curl and pip read that one as the trusted CA bundle.
+    tls_cert_file: Path = Field(REPO_ROOT / "ssl_cert" / "cert.pem", alias="TLS_CERT_FILE")
+    tls_key_file: Path = Field(REPO_ROOT / "ssl_cert" / "key.pem", alias="TLS_KEY_FILE")
     # Every open GET /jobs/<id>/events stream holds one of these threads.
     http_threads: int = Field(32, alias="HTTP_THREADS", ge=1, le=1024)
     cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
@@ -138,15 +146,19 @@ class Settings(BaseModel):
     @classmethod
     def load(
         cls,
-        env_file: Path | None = REPO_ROOT / ".env",
+        env_file: Path | None = DEFAULT_ENV_FILE,
         environ: Mapping[str, str] | None = None,
         **overrides: object,
     ) -> Settings:
-        """Read `env_file`, let `environ` (default: the process environment) win, then `overrides`."""
+        """Read `env_file` (SD_ENV_FILE in `environ` replaces the default), let `environ` (default: the
+        process environment) win, then `overrides`."""
+        environ = os.environ if environ is None else environ
+        if env_file == DEFAULT_ENV_FILE and ENV_FILE_VARIABLE in environ:
+            env_file = Path(environ[ENV_FILE_VARIABLE]) if environ[ENV_FILE_VARIABLE] else None
         values: dict[str, object] = {}
         if env_file is not None and env_file.is_file():
-            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
+            values.update(_read_env_file(env_file))
+        values.update(environ)
         values.update(overrides)
         if not values.get("API_KEY") and "api_keys" not in values:
             raise SettingsError(
@@ -157,6 +169,17 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
+
+
+def _read_env_file(env_file: Path) -> dict[str, str]:
+    values = {key: value for key, value in dotenv_values(env_file).items() if value is not None}
+    for old, new in RENAMED_SETTINGS.items():
+        if old in values:
+            raise SettingsError(
+                f"{env_file} sets {old}, which the server no longer reads: OpenSSL, curl and pip read that name "
+                f"as the trusted CA bundle. Rename it to {new}."
+            )
+    return values
 
 
 def _describe(exc: ValidationError) -> str:

@@ -32,6 +32,8 @@ FAST = {"DEFAULT_RESOLUTION": "64", "DEFAULT_STEPS": "4"}
 def tiny_environment(folder: Path, **overrides: str) -> dict[str, str]:
     """The environment variables of a tiny-model service whose files all live under `folder`."""
     return {
+        # Never the user's .env: its settings (a hub model, say) would change what the tests run.
+        "SD_ENV_FILE": "",
         "API_KEY": f"{API_KEY},{SECOND_KEY}",
         "SD_MODEL": "tiny",
         "DEVICE": "cpu",
@@ -39,8 +41,8 @@ def tiny_environment(folder: Path, **overrides: str) -> dict[str, str]:
         "OUTPUT_DIR": str(folder / "output_images"),
         "LOG_FILE": str(folder / "api.log"),
         "JOBS_DB": str(folder / "jobs.sqlite3"),
-        "SSL_CERT_FILE": str(folder / "ssl_cert" / "cert.pem"),
-        "SSL_KEY_FILE": str(folder / "ssl_cert" / "key.pem"),
+        "TLS_CERT_FILE": str(folder / "ssl_cert" / "cert.pem"),
+        "TLS_KEY_FILE": str(folder / "ssl_cert" / "key.pem"),
         **FAST,
         **overrides,
     }
@@ -103,7 +105,8 @@ class LiveServer:
     def __init__(self, folder: Path, **overrides: str) -> None:
         self.folder = folder
         self.port = free_port()
-        self.environment = tiny_environment(folder, SERVER_IP="127.0.0.1", SERVER_PORT=str(self.port), **overrides)
+        address = {"SERVER_IP": "127.0.0.1", "SERVER_PORT": str(self.port)}
+        self.environment = tiny_environment(folder, **address | overrides)
         self.url = f"https://127.0.0.1:{self.port}"
         self.cert = folder / "ssl_cert" / "cert.pem"
         self.log = (folder / "server.out").open("wb")
@@ -124,9 +127,11 @@ class LiveServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
             try:
-                if requests.get(f"{self.url}/ready", headers={"x-api-key": API_KEY}, verify=False, timeout=2).ok:
+                # Verified against the served certificate: up means a client can complete a handshake.
+                verify = str(self.cert) if self.url.startswith("https") else False
+                if requests.get(f"{self.url}/ready", headers={"x-api-key": API_KEY}, verify=verify, timeout=2).ok:
                     return
-            except requests.ConnectionError:
+            except OSError:  # not listening yet, or (failing the test) no usable certificate
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"server did not become healthy: {self.output()}")

@@ -108,7 +108,7 @@ def test_requests_beyond_the_queue_get_503_and_the_rest_succeed(tmp_path):
 
 
 def test_start_up_without_api_key_says_how_to_set_it(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SD_ENV_FILE": ""}
     completed = subprocess.run(
         [sys.executable, "app.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
@@ -139,5 +139,15 @@ def test_tls_off_serves_plain_http_for_a_terminating_proxy(tmp_path):
         )
         assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
         assert not (tmp_path / "ssl_cert").exists()
+    finally:
+        assert server.stop() == 0
+
+
+def test_default_address_serves_ipv6_and_ipv4(tmp_path):
+    server = LiveServer(tmp_path, SERVER_IP="::")
+    try:
+        server.wait_until_healthy()  # over 127.0.0.1
+        ipv6 = requests.get(f"https://[::1]:{server.port}/health", verify=str(server.cert), timeout=10)
+        assert ipv6.json() == {"status": "ok"}
     finally:
         assert server.stop() == 0

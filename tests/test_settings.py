@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stable_diffusion.settings import SD15_MODEL_ID, Settings, SettingsError
+from stable_diffusion.settings import REPO_ROOT, SD15_MODEL_ID, Settings, SettingsError
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -18,7 +18,7 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
 
 def test_defaults_are_the_documented_ones():
     settings = Settings.load(env_file=None, environ={"API_KEY": "k"})
-    assert (settings.server_ip, settings.server_port, settings.tls) == ("0.0.0.0", 5000, True)
+    assert (settings.server_ip, settings.server_port, settings.tls) == ("::", 5000, True)
     assert settings.sd_model == SD15_MODEL_ID and settings.device == "auto" and settings.dtype == "auto"
     assert settings.default_resolution == 512 and settings.max_gif_frames == 48
 
@@ -63,3 +63,23 @@ def test_api_key_never_appears_in_messages_or_repr():
     with pytest.raises(SettingsError) as raised:
         Settings.load(env_file=None, environ={"API_KEY": "very-secret-value", "SERVER_PORT": "x"})
     assert "very-secret-value" not in str(raised.value)
+
+
+def test_openssls_ssl_cert_file_is_not_the_servers_certificate(tmp_path):
+    settings = Settings.load(env_file=None, environ={"API_KEY": "k", "SSL_CERT_FILE": "/etc/ssl/certs/bundle.crt"})
+    assert settings.tls_cert_file == REPO_ROOT / "ssl_cert" / "cert.pem"
+
+
+def test_old_certificate_names_in_env_file_say_the_new_name(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEY=k\nSSL_CERT_FILE=my/cert.pem\n")
+    with pytest.raises(SettingsError, match="Rename it to TLS_CERT_FILE"):
+        Settings.load(env_file=env_file, environ={})
+
+
+def test_sd_env_file_names_the_settings_file_and_empty_reads_none(tmp_path):
+    (tmp_path / "other.env").write_text("API_KEY=k\nSERVER_PORT=7001\n")
+    assert Settings.load(environ={"SD_ENV_FILE": str(tmp_path / "other.env")}).server_port == 7001
+    # Holds whatever the repository's own .env says (CI's sets API_KEY, as the README has users do).
+    with pytest.raises(SettingsError, match="API_KEY is not set"):
+        Settings.load(environ={"SD_ENV_FILE": ""})
