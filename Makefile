@@ -9,10 +9,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
+# torch first, the build this machine needs (scripts/install_torch.py says which; TORCH_VARIANT overrides).
 install: $(BIN)/python
+	$(BIN)/python scripts/install_torch.py
 	$(BIN)/pip install -r requirements.txt
 
 install-dev: $(BIN)/python
+	$(BIN)/python scripts/install_torch.py
 	$(BIN)/pip install -r requirements-dev.txt
 
 serve: install

@@ -65,6 +65,27 @@ def serving(settings: Settings, service: PipelineService, **worker_options) -> I
         worker.close(timeout=60)
 
 
+# Not the repository's files: where tools keep their own state.
+_TOOL_FOLDERS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+
+
+def _repository_files() -> set[Path]:
+    files = set()
+    for folder, subfolders, names in os.walk(REPO_ROOT):
+        subfolders[:] = [name for name in subfolders if name not in _TOOL_FOLDERS]
+        files.update(Path(folder, name).relative_to(REPO_ROOT) for name in names)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_as_it_was():
+    """The tests' servers keep every file under a temporary folder: none lands in the user's checkout."""
+    before = _repository_files()
+    yield
+    added = sorted(map(str, _repository_files() - before))
+    assert not added, f"the tests wrote into the repository: {added}"
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tiny_settings(tmp_path)
