@@ -266,6 +266,7 @@ class GunicornServer(BaseApplication):
             # On SIGTERM: stop accepting, let in-flight requests and queued work finish for this long.
             "graceful_timeout": int(settings.shutdown_grace_s),
             "worker_exit": _finish_work,
+            "when_ready": lambda arbiter: print(f"serving {_public_url(settings)}", file=sys.stderr, flush=True),
             "errorlog": "-",
             "accesslog": None,
             "control_socket_disable": True,
@@ -280,6 +281,14 @@ class GunicornServer(BaseApplication):
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
         return create_app(self.settings, start_worker(self.settings, on_load_failed=_stop_serving))
+
+
+def _public_url(settings: Settings) -> str:
+    """Where a client on this machine reaches the server (gunicorn's own line says http:// even over TLS)."""
+    scheme = "https" if settings.tls else "http"
+    wildcard = settings.server_ip in ("::", "0.0.0.0")
+    host = "localhost" if wildcard else f"[{settings.server_ip}]" if ":" in settings.server_ip else settings.server_ip
+    return f"{scheme}://{host}:{settings.server_port}/"
 
 
 def _listening_address(server_ip: str) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import huggingface_hub
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -28,6 +32,8 @@ FULL_SIZE_RANDOM_MODEL = "sd15-random"
 FULL_SIZE_MODEL_DIR = Path(__file__).resolve().parent / "sd15_architecture"
 RANDOM_MODELS = {TINY_MODEL: TINY_MODEL_DIR, FULL_SIZE_RANDOM_MODEL: FULL_SIZE_MODEL_DIR}
 TINY_SEED = 0
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_CHECK_TIMEOUT_S = 3.0
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +105,19 @@ def load_pipelines(settings: Settings) -> Pipelines:
 def _load_pretrained(
     sd_model: str, controlnet_model: str, dtype: torch.dtype
 ) -> StableDiffusionControlNetPipeline:
-    controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, torch_dtype=dtype)
+    # Where each model comes from is settled before any weights load, so a message names the setting
+    # that failed, and without a network the cache is read at once instead of after the Hub's retries.
+    hub_reachable = _hub_reachable()
+    sources = {
+        setting: _model_source(setting, name, hub_reachable)
+        for setting, name in (("SD_MODEL", sd_model), ("CONTROLNET_MODEL", controlnet_model))
+    }
+    controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, sources, torch_dtype=dtype)
     pipe = _from_pretrained(
         StableDiffusionControlNetPipeline,
         "SD_MODEL",
         sd_model,
+        sources,
         controlnet=controlnet,
         torch_dtype=dtype,
         safety_checker=None,
@@ -113,9 +127,45 @@ def _load_pretrained(
     return pipe
 
 
-def _from_pretrained(loader, setting: str, name: str, **kwargs):
+def _hub_reachable() -> bool:
+    """One quick look instead of the Hub client's retries: False with HF_HUB_OFFLINE set or no connection."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        return loader.from_pretrained(name, **kwargs)
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_CHECK_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _model_source(setting: str, name: str, hub_reachable: bool) -> str:
+    """`folder`, `hub` or `cache` (the Hub's local cache, the Hub being out of reach), or a ModelLoadError."""
+    if Path(name).expanduser().exists():
+        return "folder"
+    if not HUB_ID.fullmatch(name):
+        raise ModelLoadError(
+            f"Could not load {setting}={name!r}: it is not a local folder, not a Hugging Face Hub id "
+            f"(owner/name), and not a built-in model ({', '.join(RANDOM_MODELS)}). Set {setting} to one of "
+            f"those; SD_MODEL={TINY_MODEL} tries the service offline."
+        )
+    if hub_reachable:
+        return "hub"
+    index = "model_index.json" if setting == "SD_MODEL" else "config.json"
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, index), str):
+        return "cache"
+    raise ModelLoadError(
+        f"Could not load {setting}={name!r}: the Hugging Face Hub ({huggingface_hub.constants.ENDPOINT}) cannot "
+        "be reached (no network, or HF_HUB_OFFLINE is set) and the model is not in the local Hub cache. "
+        f"Connect once to download it, set {setting} to a local diffusers folder, or set SD_MODEL={TINY_MODEL} "
+        "to try the service offline."
+    )
+
+
+def _from_pretrained(loader, setting: str, name: str, sources: dict[str, str], **kwargs):
+    try:
+        return loader.from_pretrained(name, local_files_only=sources[setting] != "hub", **kwargs)
     except (OSError, ValueError) as exc:
         where = Path(name).expanduser()
         local = (
@@ -144,7 +194,8 @@ def build_random_pipeline(config_dir: Path) -> StableDiffusionControlNetPipeline
 
     def seeded(build):
         torch.manual_seed(TINY_SEED)
-        return build()
+        # Inference mode, as from_pretrained leaves a model: a new module starts in training mode.
+        return build().eval()
 
     config = {name: json.loads((config_dir / f"{name}.json").read_text()) for name in
               ("unet", "controlnet", "vae", "text_encoder", "scheduler")}

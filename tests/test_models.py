@@ -81,7 +81,16 @@ def test_missing_folder_says_what_was_tried_and_what_to_set(tmp_path):
     with pytest.raises(ModelLoadError) as raised:
         load_pipelines(settings)
     message = str(raised.value)
-    assert "CONTROLNET_MODEL=" in message and "Hugging Face Hub" in message and "SD_MODEL=tiny" in message
+    assert message.startswith("Could not load SD_MODEL=") and "SD_MODEL=tiny" in message
+
+
+def test_a_mistyped_model_name_names_its_own_setting(tmp_path):
+    settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, SD_MODEL="tiny2"))
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipelines(settings)
+    message = str(raised.value)
+    assert message.startswith("Could not load SD_MODEL='tiny2'") and "tiny, sd15-random" in message
+    assert "CONTROLNET_MODEL" not in message
 
 
 def test_folder_that_is_not_diffusers_format_is_named(tmp_path):

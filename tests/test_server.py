@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
+import pytest
 import requests
 from PIL import Image
 
-from stable_diffusion.settings import REPO_ROOT
-from tests.conftest import API_KEY, LiveServer
+from stable_diffusion.settings import REPO_ROOT, SD15_CANNY_CONTROLNET_ID, SD15_MODEL_ID
+from tests.conftest import API_KEY, LiveServer, free_port
 from tests.images import drawing, encode, png_bytes
 
 
@@ -42,6 +44,12 @@ def test_https_with_the_generated_certificate(live_server):
     )
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_start_up_says_where_it_serves_and_prints_no_library_noise(live_server):
+    output = live_server.output()
+    assert f"serving https://127.0.0.1:{live_server.port}/" in output
+    assert "WARNING" not in output.upper() and "torchvision" not in output and "float32: []" not in output
 
 
 def test_plain_http_is_not_served(live_server):
@@ -124,8 +132,28 @@ def test_start_up_with_missing_weights_says_what_was_tried(tmp_path):
     finally:
         server.log.close()
     output = server.output()
-    assert "Could not load CONTROLNET_MODEL=" in output and "SD_MODEL=tiny" in output
+    assert "Could not load SD_MODEL=" in output and "SD_MODEL=tiny" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no route to the Hub"])
+def test_default_model_without_a_network_fails_within_seconds_naming_the_setting(tmp_path, offline):
+    hub = {"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {"HF_HUB_OFFLINE": "0"}
+    server = LiveServer(
+        tmp_path, SD_MODEL=SD15_MODEL_ID, CONTROLNET_MODEL=SD15_CANNY_CONTROLNET_ID, HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", **hub,
+    )
+    started = time.monotonic()
+    try:
+        assert server.process.wait(timeout=120) != 0
+    finally:
+        server.log.close()
+    # Starting Python and importing torch takes most of this; the Hub's retries alone took 20-40 s.
+    assert time.monotonic() - started < 15
+    output = server.output()
+    assert f"Could not load SD_MODEL={SD15_MODEL_ID!r}" in output and "cannot be reached" in output
+    assert "CONTROLNET_MODEL" not in output and "Traceback" not in output
+    assert "Retrying" not in output and output.count("WARNING") == 0
 
 
 def test_tls_off_serves_plain_http_for_a_terminating_proxy(tmp_path):
