@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zlib
 
@@ -14,6 +15,8 @@ from werkzeug.datastructures import MultiDict
 
 from app import create_app
 from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.request_fields import generate_fields_model
+from stable_diffusion.settings import REPO_ROOT
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
@@ -277,3 +280,11 @@ def test_every_request_is_logged_without_key_or_prompt(client, settings):
     assert "status=401" in lines[1]
     text = settings.log_file.read_text()
     assert API_KEY not in text and "wrong-key" not in text and "my secret prompt" not in text
+
+
+def test_readme_documents_every_generate_field(settings):
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("### `POST /generate`")[1].split("A field the endpoint does not know")[0]
+    documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", table, re.M))
+    names = {name for pair in documented for name in pair if name}
+    assert names == {"image", *generate_fields_model(settings).model_fields}
