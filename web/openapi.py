@@ -172,7 +172,10 @@ def _job_schema() -> dict:
             "progress": _object(
                 {"step": {"type": "integer", "minimum": 0}, "total": {"type": "integer", "minimum": 0}}, "step", "total"
             ),
-            "queue_position": {"type": "integer", "minimum": 0},
+            "queue_position": {
+                "type": "integer", "minimum": 0, "nullable": True,
+                "description": "requests waiting ahead of this job (0: next); null once it left the queue",
+            },
             "seed": {"type": "integer", "minimum": 0},
             "error": {"type": "string"},
             "result_type": {"type": "string", "enum": ["image/png", "image/gif"]},
@@ -183,7 +186,7 @@ def _job_schema() -> dict:
             "result_url": {"type": "string"},
             "events_url": {"type": "string"},
         },
-        "id", "status", "progress", "seed", "created_at", "status_url", "result_url", "events_url",
+        "id", "status", "progress", "queue_position", "seed", "created_at", "status_url", "result_url", "events_url",
     )
 
 
