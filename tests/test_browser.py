@@ -83,12 +83,53 @@ def test_api_errors_show_as_readable_messages(browser, live_server, tmp_path):
     assert not element(browser, "download").is_displayed()
 
 
-def test_the_docs_page_renders_the_contract(browser, live_server):
+def wait_for_css(browser, selector: str, timeout: float = 30):
+    return WebDriverWait(browser, timeout).until(lambda _: browser.find_elements(By.CSS_SELECTOR, selector))[0]
+
+
+def authorize_in_docs(browser, key: str) -> None:
+    """Swagger UI's Authorize dialog: log out of a key entered before, enter this one, close."""
+    wait_for_css(browser, ".swagger-ui .btn.authorize").click()
+    dialog = wait_for_css(browser, ".swagger-ui .modal-ux")
+    for logout in dialog.find_elements(By.XPATH, ".//button[normalize-space()='Logout']"):
+        logout.click()
+    dialog.find_element(By.CSS_SELECTOR, "input").send_keys(key)
+    dialog.find_element(By.XPATH, ".//button[normalize-space()='Authorize']").click()
+    dialog.find_element(By.XPATH, ".//button[normalize-space()='Close']").click()
+
+
+def try_it_out(browser, operation_id: str) -> str:
+    """Expand an operation, "Try it out", "Execute": the status of the answer shown."""
+    operation = wait_for_css(browser, f"#{operation_id}")
+    if not operation.find_elements(By.CSS_SELECTOR, ".opblock-body"):
+        operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    try_button = wait_for_css(browser, f"#{operation_id} .try-out__btn")
+    if try_button.text == "Try it out":
+        try_button.click()
+    for clear in operation.find_elements(By.CSS_SELECTOR, ".btn-clear"):
+        clear.click()
+    shown = f"#{operation_id} .live-responses-table .response .response-col_status"
+    WebDriverWait(browser, 10).until(lambda _: not browser.find_elements(By.CSS_SELECTOR, shown))
+    wait_for_css(browser, f"#{operation_id} .execute").click()
+    return wait_for_css(browser, shown).text
+
+
+def test_the_docs_load_without_a_prompt_and_take_the_key_in_authorize(browser, live_server):
     browser.get(f"{live_server.url}/")
-    browser.execute_script("localStorage.setItem('apiKey', arguments[0]);", API_KEY)
+    browser.execute_script("localStorage.clear();")
     browser.get(f"{live_server.url}/docs")
-    title = WebDriverWait(browser, 30).until(
-        lambda _: browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title")
-    )
-    assert "image generation API" in title[0].text
-    assert browser.find_elements(By.CSS_SELECTOR, "[id^='operations-default-post_jobs']")
+    # A window.prompt would make every further command fail with UnexpectedAlertPresentException.
+    title = wait_for_css(browser, ".swagger-ui .info .title")
+    assert "image generation API" in title.text
+    operations = browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")
+    assert len(operations) >= 10 and browser.find_elements(By.ID, "operations-default-post_jobs")
+
+    assert try_it_out(browser, "operations-default-get_info") == "401"
+    authorize_in_docs(browser, "not-the-key")
+    assert try_it_out(browser, "operations-default-get_info") == "401"
+    # A wrong key is not a dead end: log out, enter the right one.
+    authorize_in_docs(browser, API_KEY)
+    assert try_it_out(browser, "operations-default-get_info") == "200"
+    # The key entered stays for the next visit.
+    browser.refresh()
+    assert try_it_out(browser, "operations-default-get_info") == "200"

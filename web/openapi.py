@@ -46,7 +46,9 @@ def build_document(app: Flask) -> dict:
             "description": (
                 "Upload a picture and a prompt; its Canny edge map guides Stable Diffusion + ControlNet, "
                 f"then a refinement pass. Uploads up to {settings.max_upload_mb:g} MB, "
-                f"{settings.max_image_pixels} pixels and {settings.max_gif_frames} GIF frames."
+                f"{settings.max_image_pixels} pixels and {settings.max_gif_frames} GIF frames. "
+                "Every endpoint but /health and this document needs the API key in the x-api-key header: "
+                "here, enter it with Authorize."
             ),
         },
         "security": [{"ApiKey": []}],
@@ -69,7 +71,7 @@ def build_document(app: Flask) -> dict:
                 )
             },
             "/openapi.json": {
-                "get": _operation("This document", {"200": _json("OpenAPI document", "Object")}, "401")
+                "get": _operation("This document", {"200": _json("OpenAPI document", "Object")}, public=True)
             },
             "/preprocess": {
                 "post": _operation(
