@@ -13,7 +13,7 @@ from logging.handlers import RotatingFileHandler
 
 from flask import Flask, g, jsonify, request
 from flask_cors import CORS
-from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from gunicorn.app.base import BaseApplication
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -35,6 +35,16 @@ from web.pages import pages
 
 PUBLIC_ENDPOINTS = {"operations.health", *PAGES}
 RATE_LIMITED_ENDPOINTS = {"images.generate", "images.preprocess", "jobs.submit"}
+# The IETF's RateLimit-* fields (draft-ietf-httpapi-ratelimit-headers) instead of flask-limiter's X-RateLimit-*.
+# flask-limiter adds the reset moment as a Unix time, then sets the seconds until it under the name of its
+# Retry-After; naming both RateLimit-Reset leaves the seconds, as the draft defines it, and keeps Retry-After,
+# which means "come back later", off successful answers.
+RATE_LIMIT_HEADERS = {
+    HeaderNames.LIMIT: "RateLimit-Limit",
+    HeaderNames.REMAINING: "RateLimit-Remaining",
+    HeaderNames.RESET: "RateLimit-Reset",
+    HeaderNames.RETRY_AFTER: "RateLimit-Reset",
+}
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
 # The most of a refused body that is read and thrown away before answering 413.
@@ -73,7 +83,9 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         app,
         origins=list(settings.cors_origins),
         allow_headers=["x-api-key", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "X-Seed", "Location", "Retry-After", "Content-Disposition"],
+        expose_headers=[
+            "X-Request-ID", "X-Seed", "Location", "Retry-After", "Content-Disposition", *RATE_LIMIT_HEADERS.values()
+        ],
         max_age=600,
     )
     for blueprint in (operations, images, jobs, pages):
@@ -148,7 +160,8 @@ def _init_auth(app: Flask, settings: Settings) -> None:
 
 
 def _init_rate_limit(app: Flask, settings: Settings) -> None:
-    """Requests per minute per key, across the endpoints that make work; counted after auth."""
+    """Requests per minute per key, across the endpoints that make work; counted after auth. Answers
+    within the limit carry the RateLimit-* headers; a 429 also carries Retry-After."""
     if not settings.rate_limit_per_minute:
         return
     per_minute = settings.rate_limit_per_minute
@@ -156,6 +169,7 @@ def _init_rate_limit(app: Flask, settings: Settings) -> None:
     @app.errorhandler(RateLimitExceeded)
     def refuse(error: RateLimitExceeded):
         response = error.get_response()
+        response.headers["Retry-After"] = str(max(1, int(limiter.current_limit.reset_at - time.time())))
         response.data = jsonify(
             error=f"Too many requests: this API key may make {per_minute} per minute to /generate, /jobs and "
             "/preprocess (RATE_LIMIT_PER_MINUTE); retry after the number of seconds in Retry-After."
@@ -163,7 +177,7 @@ def _init_rate_limit(app: Flask, settings: Settings) -> None:
         response.content_type = "application/json"
         return response
 
-    Limiter(
+    limiter = Limiter(
         # Preflights reach here without a key (and are exempt); everything else has passed auth.
         key_func=lambda: g.get("owner", ""),
         app=app,
@@ -174,6 +188,7 @@ def _init_rate_limit(app: Flask, settings: Settings) -> None:
         storage_uri="memory://",
         strategy="moving-window",
         headers_enabled=True,
+        header_name_mapping=RATE_LIMIT_HEADERS,
     )
 
 

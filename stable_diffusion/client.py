@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -72,7 +74,10 @@ class Client:
         **fields: object,
     ) -> tuple[dict, bytes]:
         """Submit, follow until the job ends, and return (final status, picture); ApiError if it did not succeed."""
-        job = self.submit(image, prompt, **fields)
+        return self.follow(self.submit(image, prompt, **fields), on_event)
+
+    def follow(self, job: dict, on_event: Callable[[str, dict], None] | None = None) -> tuple[dict, bytes]:
+        """Follow a submitted job's events until it ends; (final status, picture), or ApiError if it failed."""
         for kind, data in self.events(job["id"]):
             if on_event is not None:
                 on_event(kind, data)
@@ -116,29 +121,48 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "resolution": args.resolution,
     }
-    with tqdm(total=1, unit="step", disable=args.quiet, desc="queued") as bar:
-
-        def show(kind: str, data: dict) -> None:
-            if kind == "status":
-                bar.set_description(data["status"])
-            if kind in ("status", "progress"):
-                total = data["progress"]["total"] if kind == "status" else data["total"]
-                step = data["progress"]["step"] if kind == "status" else data["step"]
-                bar.total = max(total, 1)
-                bar.n = step
-                bar.refresh()
-
-        try:
-            job, picture = client.generate(args.image, args.prompt, on_event=show, **fields)
-        except (ApiError, requests.RequestException, OSError) as exc:
-            bar.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    try:
+        job = client.submit(args.image, args.prompt, **fields)
+        # Drawn only once the server took the job, so that an error is the only thing printed.
+        with tqdm(total=1, unit="step", disable=args.quiet, desc=job["status"]) as bar:
+            job, picture = client.follow(job, on_event=partial(_show_progress, bar))
+    except requests.exceptions.SSLError as exc:
+        print(_certificate_advice(exc, args.ca_cert), file=sys.stderr)
+        return 1
+    except (ApiError, requests.RequestException, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     extension = ".gif" if job.get("result_type") == "image/gif" else ".png"
     output = args.output or Path(f"{job['id']}{extension}")
     output.write_bytes(picture)
     print(f"saved {output} (job {job['id']}, seed {job['seed']})")
     return 0
+
+
+def _show_progress(bar: tqdm, kind: str, data: dict) -> None:
+    if kind == "status":
+        bar.set_description(data["status"])
+    if kind in ("status", "progress"):
+        progress = data["progress"] if kind == "status" else data
+        bar.total = max(progress["total"], 1)
+        bar.n = progress["step"]
+        bar.refresh()
+
+
+def _certificate_advice(exc: requests.exceptions.SSLError, ca_cert: str | None) -> str:
+    """What to do when the server's certificate is not trusted (by default, it is self-signed)."""
+    reason = re.search(r"certificate verify failed: ([^(']+)", str(exc))
+    why = f" ({reason.group(1).strip()})" if reason else ""
+    if ca_cert:
+        return (
+            f"error: the server's certificate does not match {ca_cert}{why}: pass the server's own certificate, "
+            "its ssl_cert/cert.pem (SSL_CERT_FILE), or --insecure instead of --ca-cert to accept any."
+        )
+    return (
+        f"error: the server's certificate is not trusted{why}. The server makes a self-signed one on first start: "
+        "pass --ca-cert ssl_cert/cert.pem (that file from the server, its SSL_CERT_FILE) to trust exactly it, "
+        "or --insecure to accept any certificate."
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

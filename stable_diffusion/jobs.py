@@ -351,18 +351,18 @@ def _small_png(image: Image.Image) -> bytes:
 
 
 def describe(job: Job, position: int | None) -> dict[str, object]:
-    """The job as callers see it (no owner, no file names)."""
+    """The job as callers see it (no owner, no file names). `queue_position` is always there, so a
+    client can read it without checking: null once the job left the queue (running or finished)."""
     shown = {
         "id": job.id,
         "status": job.status,
         "progress": {"step": job.step, "total": job.total},
+        "queue_position": position if job.status == "queued" else None,
         "seed": job.seed,
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
     }
-    if job.status == "queued" and position is not None:
-        shown["queue_position"] = position
     if job.error:
         shown["error"] = job.error
     if job.result_type:

@@ -58,6 +58,8 @@ def test_submit_answers_202_with_the_links(client):
     assert response.status_code == 202
     job = response.get_json()
     assert job["status"] in ("queued", "running")
+    # Always there, so a client can read it; null when the worker took the job at once.
+    assert "queue_position" in job and job["queue_position"] in (0, None)
     assert job["seed"] == 7
     assert response.headers["Location"] == job["status_url"] == f"/jobs/{job['id']}"
     assert job["result_url"] == f"/jobs/{job['id']}/result"
@@ -82,13 +84,14 @@ def test_result_before_the_end_is_409_and_queued_jobs_show_their_position(gated)
     first = submit(client).get_json()["id"]
     second = submit(client).get_json()["id"]
     assert service.started.wait(30)
-    assert wait_for(client, first, "running")["progress"]["step"] == 0
+    running = wait_for(client, first, "running")
+    assert running["progress"]["step"] == 0 and running["queue_position"] is None
     waiting = client.get(f"/jobs/{second}", headers=KEY).get_json()
     assert waiting["status"] == "queued" and waiting["queue_position"] == 0
     assert_error(client.get(f"/jobs/{first}/result", headers=KEY), 409, "running", "events")
     assert_error(client.get(f"/jobs/{second}/result", headers=KEY), 409, "queued")
     service.open()
-    wait_for(client, second, "succeeded")
+    assert wait_for(client, second, "succeeded")["queue_position"] is None
 
 
 def test_events_arrive_in_order_and_the_stream_ends_with_the_job(client):

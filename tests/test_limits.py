@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
+import requests
 
 from app import create_app
-from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
+from tests.conftest import API_KEY, SECOND_KEY, LiveServer, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, post_generate
@@ -33,6 +34,34 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(wor
     assert_error(post_generate(client, png_bytes()), 429, "Too many requests")
     assert client.get("/ready", headers=KEY).status_code == 200
     assert preprocess(client, OTHER).status_code == 200
+
+
+def test_answers_carry_the_ratelimit_headers_and_only_the_429_says_retry_after(tmp_path):
+    server = LiveServer(tmp_path, RATE_LIMIT_PER_MINUTE="3", CORS_ORIGINS="https://tools.example")
+    try:
+        server.wait_until_healthy()
+
+        def preprocess_live():
+            return requests.post(
+                f"{server.url}/preprocess", headers=KEY | {"Origin": "https://tools.example"},
+                files={"image": ("p.png", png_bytes())}, verify=str(server.cert), timeout=30,
+            )
+
+        for remaining in (2, 1, 0):
+            answer = preprocess_live()
+            assert answer.status_code == 200
+            assert "Retry-After" not in answer.headers
+            assert answer.headers["RateLimit-Limit"] == "3"
+            assert answer.headers["RateLimit-Remaining"] == str(remaining)
+            assert 0 <= int(answer.headers["RateLimit-Reset"]) <= 60  # seconds from now, not a Unix time
+            exposed = {name.strip().lower() for name in answer.headers["Access-Control-Expose-Headers"].split(",")}
+            assert {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"} <= exposed
+        refused = preprocess_live()
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert refused.headers["RateLimit-Remaining"] == "0"
+    finally:
+        server.stop()
 
 
 def test_rate_limit_zero_turns_it_off(worker, tmp_path):

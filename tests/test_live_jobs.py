@@ -12,6 +12,7 @@ from PIL import Image
 
 from stable_diffusion.client import ApiError, Client
 from stable_diffusion.settings import REPO_ROOT
+from stable_diffusion.tls import ensure_self_signed_certificate
 from tests.conftest import API_KEY, LiveServer
 from tests.images import png_bytes
 
@@ -74,10 +75,27 @@ def test_the_command_line_client_reports_api_errors(live_server, tmp_path):
     (tmp_path / "in.png").write_bytes(png_bytes())
     wrong_key = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", "wrong", "--insecure")
     assert wrong_key.returncode == 1 and "Invalid API key" in wrong_key.stderr
+    # The error alone: no progress bar for a job that was never accepted.
+    assert wrong_key.stderr.count("\n") == 1 and "step" not in wrong_key.stderr
     bad_field = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", API_KEY, "--ca-cert",
                            str(live_server.cert), "--sensitivity", "9")
     assert bad_field.returncode == 1 and "sensitivity" in bad_field.stderr
     assert not list(tmp_path.glob("*.png"))[1:]  # nothing saved beside the input
+
+
+def test_the_command_line_client_says_how_to_trust_the_self_signed_certificate(live_server, tmp_path):
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    untrusted = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", API_KEY)
+    assert untrusted.returncode == 1
+    assert untrusted.stderr.startswith("error: the server's certificate is not trusted (self-signed certificate)")
+    assert "--ca-cert ssl_cert/cert.pem" in untrusted.stderr and "--insecure" in untrusted.stderr
+    assert "Traceback" not in untrusted.stderr and "SSLError" not in untrusted.stderr
+    assert untrusted.stderr.count("\n") == 1  # no progress bar before it
+    ensure_self_signed_certificate(tmp_path / "other.pem", tmp_path / "other-key.pem")
+    wrong_cert = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", API_KEY, "--ca-cert",
+                            str(tmp_path / "other.pem"))
+    assert wrong_cert.returncode == 1 and "does not match" in wrong_cert.stderr and "--insecure" in wrong_cert.stderr
+    assert "Traceback" not in wrong_cert.stderr
 
 
 def test_the_python_client_follows_the_events_and_can_cancel(live_server):

@@ -66,8 +66,11 @@ def test_every_route_but_the_public_ones_is_401_for_every_bad_key(live_server, a
                 assert status == 401, (method, path, label, status)
                 assert b'"error"' in body
     assert tried >= 5 * 15
-    # What is public: liveness, and the static page shells (they hold no data and call the API with a key).
-    assert PUBLIC_ENDPOINTS == {"operations.health", "pages.index", "pages.docs", "pages.static", "pages.swagger_asset"}
+    # What is public: liveness, the static page shells and the OpenAPI document (they hold no data; the pages
+    # call the API with a key).
+    assert PUBLIC_ENDPOINTS == {
+        "operations.health", "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi"
+    }
 
 
 def test_a_key_stored_as_its_sha256_is_accepted_and_the_hash_itself_is_not(worker, tmp_path):

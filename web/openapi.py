@@ -46,7 +46,9 @@ def build_document(app: Flask) -> dict:
             "description": (
                 "Upload a picture and a prompt; its Canny edge map guides Stable Diffusion + ControlNet, "
                 f"then a refinement pass. Uploads up to {settings.max_upload_mb:g} MB, "
-                f"{settings.max_image_pixels} pixels and {settings.max_gif_frames} GIF frames."
+                f"{settings.max_image_pixels} pixels and {settings.max_gif_frames} GIF frames. "
+                "Every endpoint but /health and this document needs the API key in the x-api-key header: "
+                "here, enter it with Authorize."
             ),
         },
         "security": [{"ApiKey": []}],
@@ -69,7 +71,7 @@ def build_document(app: Flask) -> dict:
                 )
             },
             "/openapi.json": {
-                "get": _operation("This document", {"200": _json("OpenAPI document", "Object")}, "401")
+                "get": _operation("This document", {"200": _json("OpenAPI document", "Object")}, public=True)
             },
             "/preprocess": {
                 "post": _operation(
@@ -172,7 +174,10 @@ def _job_schema() -> dict:
             "progress": _object(
                 {"step": {"type": "integer", "minimum": 0}, "total": {"type": "integer", "minimum": 0}}, "step", "total"
             ),
-            "queue_position": {"type": "integer", "minimum": 0},
+            "queue_position": {
+                "type": "integer", "minimum": 0, "nullable": True,
+                "description": "requests waiting ahead of this job (0: next); null once it left the queue",
+            },
             "seed": {"type": "integer", "minimum": 0},
             "error": {"type": "string"},
             "result_type": {"type": "string", "enum": ["image/png", "image/gif"]},
@@ -183,7 +188,7 @@ def _job_schema() -> dict:
             "result_url": {"type": "string"},
             "events_url": {"type": "string"},
         },
-        "id", "status", "progress", "seed", "created_at", "status_url", "result_url", "events_url",
+        "id", "status", "progress", "queue_position", "seed", "created_at", "status_url", "result_url", "events_url",
     )
 
 

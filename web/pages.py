@@ -1,7 +1,8 @@
 """Pages for people: the generation page at /, the interactive API docs at /docs, and /openapi.json.
 
-The pages are static shells holding no data, so they are served without a key; everything they show
-comes from the API, called with the key the person types in.
+The pages and the OpenAPI document hold no data, so they are served without a key (Swagger UI must read
+the document before anyone can enter a key in its Authorize dialog); everything else they show comes from
+the API, called with the key the person types in.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from flask import Blueprint, current_app, jsonify, send_from_directory
 from web.openapi import build_document
 
 pages = Blueprint("pages", __name__, static_folder="static", static_url_path="/static")
-PUBLIC_ENDPOINTS = {"pages.index", "pages.docs", "pages.static", "pages.swagger_asset"}
+PUBLIC_ENDPOINTS = {"pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi"}
 SWAGGER_ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"}
 
 

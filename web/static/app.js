@@ -3,20 +3,90 @@
 
 const $ = (id) => document.getElementById(id);
 const keyInput = $("api-key");
+const form = $("generate-form");
 let currentJob = null;
+let lastSeed = null;
+let errorFrom = null;
+let edgesTimer = null;
 
 keyInput.value = localStorage.getItem("apiKey") || "";
-keyInput.addEventListener("change", () => localStorage.setItem("apiKey", keyInput.value));
-$("sensitivity").addEventListener("input", (event) => {
-  $("sensitivity-value").textContent = Number(event.target.value).toFixed(2);
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("apiKey", keyInput.value);
+  previewEdgesSoon();
 });
-$("generate-form").addEventListener("submit", (event) => {
+for (const id of ["sensitivity", "low-threshold", "high-threshold"]) $(id).addEventListener("input", showValues);
+$("image").addEventListener("change", previewEdgesSoon);
+for (const id of ["resolution", "low-threshold", "high-threshold"]) $(id).addEventListener("input", previewEdgesSoon);
+$("reuse-seed").addEventListener("click", () => { $("seed").value = lastSeed; });
+form.addEventListener("submit", (event) => {
   event.preventDefault();
   generate().catch((error) => showError(error.message));
 });
 $("cancel").addEventListener("click", () => {
   if (currentJob) call(`/jobs/${currentJob}`, { method: "DELETE" }).catch((error) => showError(error.message));
 });
+loadFieldLimits().catch((error) => showError(`Could not read the fields' limits from /openapi.json: ${error.message}`));
+
+// Limits, defaults and choices of the controls come from the OpenAPI document (public), built from
+// the same field definitions the server validates with, so the page never disagrees with the API.
+async function loadFieldLimits() {
+  const response = await fetch("/openapi.json");
+  if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+  const fields = (await response.json()).components.schemas.GenerateForm.properties;
+  for (const control of form.elements) {
+    const field = fields[control.name];
+    if (!field || control.type === "file") continue;
+    control.title = field.description || "";
+    if (control.tagName === "SELECT") {
+      control.replaceChildren(...field.enum.map((name) => new Option(name, name, false, name === field.default)));
+    } else if (control.type === "checkbox") {
+      control.checked = field.default === true;
+    } else if (control.type === "number" || control.type === "range") {
+      if (field.minimum !== undefined) control.min = field.minimum;
+      if (field.maximum !== undefined) control.max = field.maximum;
+      if (!control.getAttribute("step")) control.step = field.multipleOf || (field.type === "integer" ? 1 : "any");
+      if (field.default !== undefined) control.value = field.default;
+    }
+  }
+  showValues();
+  form.dataset.fields = "loaded";
+}
+
+function showValues() {
+  $("sensitivity-value").textContent = Number($("sensitivity").value).toFixed(2);
+  $("low-threshold-value").textContent = $("low-threshold").value;
+  $("high-threshold-value").textContent = $("high-threshold").value;
+}
+
+// The fields to send: an empty one is left out, so the server's default applies.
+function filledFields(names) {
+  const fields = new FormData(form);
+  for (const [name, value] of [...fields.entries()]) {
+    if (value === "" || (names && !names.includes(name))) fields.delete(name);
+  }
+  return fields;
+}
+
+function previewEdgesSoon() {
+  clearTimeout(edgesTimer);
+  edgesTimer = setTimeout(previewEdges, 250);
+}
+
+// The edge map /generate will follow, redrawn as the Canny thresholds or the resolution change.
+async function previewEdges() {
+  if (!$("image").files.length || !keyInput.value) return;
+  try {
+    const response = await call("/preprocess", {
+      method: "POST", body: filledFields(["image", "resolution", "low_threshold", "high_threshold"]),
+    });
+    const previous = $("edges").src;
+    $("edges").src = URL.createObjectURL(await response.blob());
+    if (previous.startsWith("blob:")) URL.revokeObjectURL(previous);
+    if (errorFrom === "edges") showError(null);
+  } catch (error) {
+    showError(error.message, "edges");
+  }
+}
 
 async function call(url, options = {}) {
   const response = await fetch(url, { ...options, headers: { "x-api-key": keyInput.value } });
@@ -31,18 +101,14 @@ async function call(url, options = {}) {
 async function generate() {
   localStorage.setItem("apiKey", keyInput.value);
   showError(null);
-  for (const id of ["edges", "preview", "result"]) $(id).removeAttribute("src");
+  for (const id of ["preview", "result"]) $(id).removeAttribute("src");
   $("download").hidden = true;
-  const form = new FormData($("generate-form"));
-  const edgesForm = new FormData();
-  edgesForm.append("image", form.get("image"));
-  call("/preprocess", { method: "POST", body: edgesForm })
-    .then(async (response) => { $("edges").src = URL.createObjectURL(await response.blob()); })
-    .catch((error) => showError(error.message));
+  $("result-seed").textContent = "";
+  previewEdges();
 
   $("submit").disabled = true;
   try {
-    const job = await (await call("/jobs", { method: "POST", body: form })).json();
+    const job = await (await call("/jobs", { method: "POST", body: filledFields() })).json();
     currentJob = job.id;
     $("cancel").hidden = false;
     showStatus(job);
@@ -98,6 +164,9 @@ async function handle(event, last) {
     $("download").href = url;
     $("download").download = `${job.id}.${blob.type === "image/gif" ? "gif" : "png"}`;
     $("download").hidden = false;
+    lastSeed = job.seed;
+    $("result-seed").textContent = `(seed ${job.seed})`;
+    $("reuse-seed").disabled = false;
   } else if (job.status === "failed" || job.status === "canceled") {
     showError(job.error || `The job was ${job.status}.`);
   }
@@ -109,11 +178,12 @@ function showStatus(job) {
   const { step, total } = job.progress;
   $("progress").max = Math.max(total, 1);
   $("progress").value = step;
-  const where = job.status === "queued" && job.queue_position !== undefined ? ` (position ${job.queue_position + 1})` : "";
+  const where = job.status === "queued" && job.queue_position !== null ? ` (position ${job.queue_position + 1})` : "";
   $("status").textContent = total ? `${job.status}${where}: step ${step} of ${total}` : `${job.status}${where}`;
 }
 
-function showError(message) {
+function showError(message, from = "generation") {
+  errorFrom = message ? from : null;
   $("error").hidden = !message;
   $("error").textContent = message || "";
 }

@@ -1,18 +1,15 @@
-// The document itself needs the API key: take the one the generation page saved, or ask for it.
+// Swagger UI for /openapi.json (public); the key goes in through its Authorize dialog, never a prompt.
 "use strict";
 (function () {
-  let key = localStorage.getItem("apiKey");
-  if (!key) {
-    key = window.prompt("API key (sent as x-api-key; kept in this browser):") || "";
-    localStorage.setItem("apiKey", key);
-  }
   const ui = SwaggerUIBundle({
     url: "/openapi.json",
     dom_id: "#swagger-ui",
-    requestInterceptor: (request) => {
-      if (!request.headers["x-api-key"]) request.headers["x-api-key"] = localStorage.getItem("apiKey") || "";
-      return request;
+    // Keeps what was entered in Authorize across reloads (in local storage), until Logout.
+    persistAuthorization: true,
+    onComplete: () => {
+      // A key saved by the generation page is offered as the authorization, unless one was entered here.
+      const saved = localStorage.getItem("apiKey");
+      if (saved && !ui.authSelectors.authorized().size) ui.preauthorizeApiKey("ApiKey", saved);
     },
-    onComplete: () => ui.preauthorizeApiKey("ApiKey", localStorage.getItem("apiKey") || ""),
   });
 })();
