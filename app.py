@@ -26,6 +26,7 @@ from stable_diffusion.request_fields import edge_fields_model, generate_fields_m
 from stable_diffusion.settings import Settings, SettingsError
 from stable_diffusion.tls import ensure_self_signed_certificate
 from stable_diffusion.worker import GenerationWorker
+from web.gunicorn_worker import worker_class
 from web.images import images
 from web.jobs import jobs
 from web.operations import Metrics, operations
@@ -254,7 +255,8 @@ class GunicornServer(BaseApplication):
         options = {
             "bind": f"{host}:{settings.server_port}",
             "workers": 1,
-            "worker_class": "gthread",
+            # gthread, with TLS handshakes that wait for clients in the poller and a deadline on request heads.
+            "worker_class": worker_class(settings.request_head_timeout_s),
             "threads": settings.http_threads,
             # Outlast model loading and the longest generation.
             "timeout": int(settings.generation_timeout_s) + 300,

@@ -36,6 +36,9 @@ class Settings(BaseModel):
     # Every open GET /jobs/<id>/events stream holds one of these threads.
     http_threads: int = Field(32, alias="HTTP_THREADS", ge=1, le=1024)
     cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
+    # From a request's first byte to the end of its headers (the TLS handshake included); a client
+    # slower than that is disconnected, so that slow or idle clients cannot hold the HTTP threads.
+    request_head_timeout_s: float = Field(10.0, alias="REQUEST_HEAD_TIMEOUT_S", gt=0, le=3600)
 
     sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
