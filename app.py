@@ -37,7 +37,7 @@ PUBLIC_ENDPOINTS = {"operations.health", *PAGES}
 RATE_LIMITED_ENDPOINTS = {"images.generate", "images.preprocess", "jobs.submit"}
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
-# The most of a refused body that is read and thrown away before answering 413.
+# The most of an unread body that is read and thrown away so that the client gets the answer.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 # The exit status gunicorn's arbiter reads as "the application failed to load", and stops on.
 APP_LOAD_ERROR = 4
@@ -195,9 +195,17 @@ def _init_errors(app: Flask) -> None:
             response.headers["Retry-After"] = str(error.retry_after)
         return response, error.status
 
+    @app.after_request
+    def read_rest_of_body(response):
+        """Clients like `requests` send their whole body before reading the answer, so an answer given
+        before the body is read (401, 429, 413) reaches them only once the rest is read; a body too
+        large to read is answered with the connection closed."""
+        if not _discard_unread_body():
+            response.headers["Connection"] = "close"
+        return response
+
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge):
-        _discard_unread_body()
         limit_mb = app.extensions["settings"].max_upload_mb
         response = jsonify(
             error=f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
@@ -219,13 +227,17 @@ def _init_errors(app: Flask) -> None:
         return jsonify(error=f"Internal server error; the server logged it under request id {g.request_id}."), 500
 
 
-def _discard_unread_body() -> None:
-    """Read what is left of a refused body (up to a bound) so that clients which send the whole body
-    before reading the answer, like `requests`, get the 413 instead of a reset connection."""
+def _discard_unread_body() -> bool:
+    """Read and drop what the app left of the request body, up to DRAIN_LIMIT_BYTES; True once it is
+    all read (a body the app consumed is, at no cost)."""
     stream = request.environ.get("wsgi.input")
-    remaining = min(request.content_length or 0, DRAIN_LIMIT_BYTES)
-    while stream is not None and remaining > 0 and (chunk := stream.read(min(remaining, 1 << 20))):
+    remaining = DRAIN_LIMIT_BYTES
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            return True
         remaining -= len(chunk)
+    return stream is None
 
 
 def main() -> int:
