@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from stable_diffusion.api_keys import digest, entry_digest, matches_any
 from stable_diffusion.errors import ServiceError, Unauthorized
-from stable_diffusion.image_processing import DecodeLimits
+from stable_diffusion.image_processing import DecodeLimits, DecodeSlots, return_freed_pictures_to_the_os
 from stable_diffusion.jobs import JobManager, JobStore
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
@@ -53,6 +53,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         MAX_FORM_PARTS=64,
     )
     worker = worker or start_worker(settings)
+    return_freed_pictures_to_the_os()
     for directory in (settings.input_dir, settings.output_dir):
         directory.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)
@@ -63,6 +64,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         generate_fields=generate_fields_model(settings),
         edge_fields=edge_fields_model(settings),
         decode_limits=DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames),
+        decode_slots=DecodeSlots(settings.max_concurrent_decodes),
     )
     _init_request_log(app, settings)
     _init_auth(app, settings)
