@@ -9,7 +9,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -50,7 +50,12 @@ class DecodedImage:
 
     @property
     def is_animated(self) -> bool:
-        return len(self.frames) > 1
+        return len(self.durations_ms) > 1
+
+    def without_frames(self) -> DecodedImage:
+        """What answering needs once the edge maps are made (format, GIF timing), without the pixels:
+        a queued request should not hold a full-size picture."""
+        return replace(self, frames=())
 
 
 class DecodeSlots:

@@ -58,6 +58,7 @@ def generate():
     with current_app.extensions["decode_slots"].hold():
         upload = decode_upload(data, current_app.extensions["decode_limits"])
         generation = build_request(g.request_id, fields, upload)
+        upload = upload.without_frames()
     g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
     future = worker.submit(generation, owner=g.owner)
     stem = new_file_stem()

@@ -38,6 +38,7 @@ def submit():
     with current_app.extensions["decode_slots"].hold():
         upload = decode_upload(data, current_app.extensions["decode_limits"])
         generation = build_request(uuid.uuid4().hex, fields, upload)
+        upload = upload.without_frames()
     g.log_fields.update(job=generation.request_id, image="{}x{}".format(*generation.size))
     job = _manager().submit(g.owner, generation, upload, data)
     shown = _shown(job)
