@@ -64,7 +64,7 @@ class Settings(BaseModel):
     max_image_pixels: int = Field(40_000_000, alias="MAX_IMAGE_PIXELS", ge=1)
     max_gif_frames: int = Field(48, alias="MAX_GIF_FRAMES", ge=1, le=10_000)
     max_prompt_chars: int = Field(1000, alias="MAX_PROMPT_CHARS", ge=1, le=100_000)
-    # Uploads decoded at once (each up to about 8 bytes per pixel of MAX_IMAGE_PIXELS while decoding);
+    # Uploads decoded at once (each up to about 9 bytes per pixel of MAX_IMAGE_PIXELS while decoding);
     # others wait up to 10 s, then get 503.
     max_concurrent_decodes: int = Field(2, alias="MAX_CONCURRENT_DECODES", ge=1, le=1024)
 
