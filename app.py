@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from stable_diffusion.api_keys import digest, entry_digest, matches_any
 from stable_diffusion.errors import ServiceError, Unauthorized
-from stable_diffusion.image_processing import DecodeLimits
+from stable_diffusion.image_processing import DecodeLimits, DecodeSlots, return_freed_pictures_to_the_os
 from stable_diffusion.jobs import JobManager, JobStore
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
@@ -27,6 +27,7 @@ from stable_diffusion.request_fields import edge_fields_model, generate_fields_m
 from stable_diffusion.settings import Settings, SettingsError
 from stable_diffusion.tls import CertificateError, ensure_certificate
 from stable_diffusion.worker import GenerationWorker
+from web.gunicorn_worker import worker_class
 from web.images import images
 from web.jobs import jobs
 from web.operations import Metrics, operations
@@ -47,7 +48,7 @@ RATE_LIMIT_HEADERS = {
 }
 # Room for the text fields beside the image in a multipart body.
 FORM_OVERHEAD_BYTES = 256 * 1024
-# The most of a refused body that is read and thrown away before answering 413.
+# The most of an unread body that is read and thrown away so that the client gets the answer.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 # The exit status gunicorn's arbiter reads as "the application failed to load", and stops on.
 APP_LOAD_ERROR = 4
@@ -63,6 +64,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         MAX_FORM_PARTS=64,
     )
     worker = worker or start_worker(settings)
+    return_freed_pictures_to_the_os()
     for directory in (settings.input_dir, settings.output_dir):
         directory.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)
@@ -73,6 +75,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         generate_fields=generate_fields_model(settings),
         edge_fields=edge_fields_model(settings),
         decode_limits=DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames),
+        decode_slots=DecodeSlots(settings.max_concurrent_decodes),
     )
     _init_request_log(app, settings)
     _init_auth(app, settings)
@@ -210,9 +213,17 @@ def _init_errors(app: Flask) -> None:
             response.headers["Retry-After"] = str(error.retry_after)
         return response, error.status
 
+    @app.after_request
+    def read_rest_of_body(response):
+        """Clients like `requests` send their whole body before reading the answer, so an answer given
+        before the body is read (401, 429, 413) reaches them only once the rest is read; a body too
+        large to read is answered with the connection closed."""
+        if not _discard_unread_body():
+            response.headers["Connection"] = "close"
+        return response
+
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge):
-        _discard_unread_body()
         limit_mb = app.extensions["settings"].max_upload_mb
         response = jsonify(
             error=f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
@@ -234,13 +245,17 @@ def _init_errors(app: Flask) -> None:
         return jsonify(error=f"Internal server error; the server logged it under request id {g.request_id}."), 500
 
 
-def _discard_unread_body() -> None:
-    """Read what is left of a refused body (up to a bound) so that clients which send the whole body
-    before reading the answer, like `requests`, get the 413 instead of a reset connection."""
+def _discard_unread_body() -> bool:
+    """Read and drop what the app left of the request body, up to DRAIN_LIMIT_BYTES; True once it is
+    all read (a body the app consumed is, at no cost)."""
     stream = request.environ.get("wsgi.input")
-    remaining = min(request.content_length or 0, DRAIN_LIMIT_BYTES)
-    while stream is not None and remaining > 0 and (chunk := stream.read(min(remaining, 1 << 20))):
+    remaining = DRAIN_LIMIT_BYTES
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(remaining, 1 << 20))
+        if not chunk:
+            return True
         remaining -= len(chunk)
+    return stream is None
 
 
 def main() -> int:
@@ -274,7 +289,8 @@ class GunicornServer(BaseApplication):
         options = {
             "bind": f"{host}:{settings.server_port}",
             "workers": 1,
-            "worker_class": "gthread",
+            # gthread, with TLS handshakes that wait for clients in the poller and a deadline on request heads.
+            "worker_class": worker_class(settings.request_head_timeout_s),
             "threads": settings.http_threads,
             # Outlast model loading and the longest generation.
             "timeout": int(settings.generation_timeout_s) + 300,

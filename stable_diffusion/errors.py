@@ -42,6 +42,10 @@ class ModelNotReady(ServiceError):
     status = 503
 
 
+class DecodersBusy(ServiceError):
+    status = 503
+
+
 class GenerationOutOfMemory(ServiceError):
     status = 503
 

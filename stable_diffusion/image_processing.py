@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from stable_diffusion.errors import InvalidField, UnsupportedImage
+from stable_diffusion.errors import DecodersBusy, InvalidField, UnsupportedImage
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF")
 MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}
@@ -21,6 +25,8 @@ FILE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif"}
 # backstop, its warning made an error so that nothing past it is ever decoded.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 warnings.simplefilter("error", Image.DecompressionBombWarning)
+# mallopt's parameter number for the size from which allocations are mapped on their own (malloc.h).
+_M_MMAP_THRESHOLD = -3
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,47 @@ class DecodedImage:
 
     @property
     def is_animated(self) -> bool:
-        return len(self.frames) > 1
+        return len(self.durations_ms) > 1
+
+    def without_frames(self) -> DecodedImage:
+        """What answering needs once the edge maps are made (format, GIF timing), without the pixels:
+        a queued request should not hold a full-size picture."""
+        return replace(self, frames=())
+
+
+class DecodeSlots:
+    """At most `count` uploads decoded (and turned into edge maps) at once, whatever the number of HTTP
+    threads: a picture at the pixel limit takes several hundred MB while it is decoded, so this bounds
+    the memory all requests together can take. A request waits up to `wait_s` for a slot, then gets a
+    503 with Retry-After: refusing beats swapping or being killed for memory."""
+
+    def __init__(self, count: int, wait_s: float = 10.0) -> None:
+        self.count, self.wait_s = count, wait_s
+        self._slots = threading.BoundedSemaphore(count)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise DecodersBusy(
+                f"The server is busy decoding other uploads ({self.count} at once, MAX_CONCURRENT_DECODES); "
+                "retry in a few seconds.",
+                retry_after=2,
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def return_freed_pictures_to_the_os() -> None:
+    """glibc keeps freed memory in per-thread arenas, so every HTTP thread that once decoded a large
+    picture would keep that much for good; allocations from 4 MB on are mapped on their own instead,
+    and so given back when freed. A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
 
 
 def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
@@ -107,13 +153,16 @@ def _too_many_pixels_message(limits: DecodeLimits, width: int = 0, height: int =
 
 
 def _upright_rgb(frame: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and flatten any transparency onto white."""
+    """Apply EXIF orientation and flatten any transparency onto white, holding as few copies of the
+    picture at once as can be (at the pixel limit, each is over a hundred MB)."""
     frame.load()
-    frame = ImageOps.exif_transpose(frame)
-    if frame.mode in ("RGBA", "LA", "PA") or (frame.mode == "P" and "transparency" in frame.info):
-        rgba = frame.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    ImageOps.exif_transpose(frame, in_place=True)
+    if frame.mode in ("LA", "PA") or (frame.mode == "P" and "transparency" in frame.info):
+        frame = frame.convert("RGBA")
+    if frame.mode == "RGBA":
+        flat = Image.new("RGB", frame.size, "white")
+        flat.paste(frame, mask=frame)
+        return flat
     if frame.mode.startswith("I;16"):
         # 16-bit greyscale: scale to 8 bits instead of clipping at 255.
         pixels = np.asarray(frame, dtype=np.uint16) >> 8

@@ -44,6 +44,9 @@ class Settings(BaseModel):
     # Every open GET /jobs/<id>/events stream holds one of these threads.
     http_threads: int = Field(32, alias="HTTP_THREADS", ge=1, le=1024)
     cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
+    # From a request's first byte to the end of its headers (the TLS handshake included); a client
+    # slower than that is disconnected, so that slow or idle clients cannot hold the HTTP threads.
+    request_head_timeout_s: float = Field(10.0, alias="REQUEST_HEAD_TIMEOUT_S", gt=0, le=3600)
 
     sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
@@ -69,6 +72,9 @@ class Settings(BaseModel):
     max_image_pixels: int = Field(40_000_000, alias="MAX_IMAGE_PIXELS", ge=1)
     max_gif_frames: int = Field(48, alias="MAX_GIF_FRAMES", ge=1, le=10_000)
     max_prompt_chars: int = Field(1000, alias="MAX_PROMPT_CHARS", ge=1, le=100_000)
+    # Uploads decoded at once (each up to about 9 bytes per pixel of MAX_IMAGE_PIXELS while decoding);
+    # others wait up to 10 s, then get 503.
+    max_concurrent_decodes: int = Field(2, alias="MAX_CONCURRENT_DECODES", ge=1, le=1024)
 
     queue_size: int = Field(16, alias="QUEUE_SIZE", ge=1, le=10_000)
     # Queued requests of one size, steps and sampler share a denoising run of up to this many pictures

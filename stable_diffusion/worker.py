@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -103,28 +104,52 @@ class GenerationWorker:
     ) -> Future[GenerationResult]:
         """Queue a request (also while the model loads). Raises at once rather than waiting for room:
         QueueFull when the queue is full, TooManyRequests when `owner` already has its share in it."""
-        if self.state in ("failed", "stopped"):
-            raise ModelNotReady(f"The generation worker is {self.state}; the server cannot take work now.")
         future: Future[GenerationResult] = Future()
         with self._wakeup:
-            if self._per_owner[owner] >= self._max_per_owner:
-                wait = max(1, math.ceil(self._average_seconds))
-                raise TooManyRequests(
-                    f"This API key already has {self._per_owner[owner]} requests queued or running, the most "
-                    f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
-                    retry_after=wait,
-                )
-            if len(self._pending) >= self._queue_size:
-                wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
-                raise QueueFull(
-                    f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
-                    retry_after=wait,
-                )
+            self._check_room(owner)
             self._pending.append(_Item(request, on_step, future))
             self._per_owner[owner] += 1
             self._wakeup.notify()
         future.add_done_callback(lambda _: self._release(owner))
         return future
+
+    def check_room(self, owner: str = "") -> None:
+        """Raise now what `submit` would raise for `owner`, so that a request is refused before the
+        costly part of preparing it (decoding the upload)."""
+        with self._wakeup:
+            self._check_room(owner)
+
+    @contextmanager
+    def counted(self, owner: str) -> Iterator[None]:
+        """Count work done outside the queue (an edge map) against `owner`'s share of requests in
+        flight, raising TooManyRequests when that share is taken."""
+        with self._wakeup:
+            self._check_owner(owner)
+            self._per_owner[owner] += 1
+        try:
+            yield
+        finally:
+            self._release(owner)
+
+    def _check_room(self, owner: str) -> None:
+        if self.state in ("failed", "stopped"):
+            raise ModelNotReady(f"The generation worker is {self.state}; the server cannot take work now.")
+        self._check_owner(owner)
+        if len(self._pending) >= self._queue_size:
+            wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
+            raise QueueFull(
+                f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
+                retry_after=wait,
+            )
+
+    def _check_owner(self, owner: str) -> None:
+        if self._per_owner[owner] >= self._max_per_owner:
+            wait = max(1, math.ceil(self._average_seconds))
+            raise TooManyRequests(
+                f"This API key already has {self._per_owner[owner]} requests queued or running, the most "
+                f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
+                retry_after=wait,
+            )
 
     def _release(self, owner: str) -> None:
         with self._wakeup:

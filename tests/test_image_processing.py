@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from stable_diffusion.errors import InvalidField, UnsupportedImage
-from stable_diffusion.image_processing import DecodeLimits, decode_upload, fit_size, make_canny_edges
+from stable_diffusion.errors import DecodersBusy, InvalidField, UnsupportedImage
+from stable_diffusion.image_processing import DecodeLimits, DecodeSlots, decode_upload, fit_size, make_canny_edges
 from tests.images import animated_gif_bytes, drawing, encode
 
 LIMITS = DecodeLimits(max_pixels=40_000_000, max_frames=48)
@@ -45,6 +45,23 @@ def test_every_common_mode_becomes_rgb(mode):
 def test_transparent_pixels_become_white():
     image = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     assert decode_upload(encode(image), LIMITS).frames[0].getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_half_transparent_pixels_are_blended_onto_white():
+    image = Image.new("RGBA", (16, 16), (0, 0, 200, 128))
+    red, green, blue = decode_upload(encode(image), LIMITS).frames[0].getpixel((3, 3))
+    assert abs(red - 127) <= 1 and abs(green - 127) <= 1 and abs(blue - 227) <= 1
+
+
+def test_when_every_decode_slot_stays_taken_the_next_upload_gets_503_with_retry_after():
+    slots = DecodeSlots(1, wait_s=0.1)
+    with slots.hold():
+        with pytest.raises(DecodersBusy, match="MAX_CONCURRENT_DECODES") as refused:
+            with slots.hold():
+                pass
+    assert refused.value.status == 503 and refused.value.retry_after >= 1
+    with slots.hold():  # the slot is free again
+        pass
 
 
 def test_gif_frames_durations_and_loop_are_read():

@@ -93,3 +93,28 @@ def test_one_key_cannot_fill_the_queue_for_everyone(capped):
     wait_for(client, theirs.get_json()["id"], "succeeded", headers=OTHER)
     # Once the key's work is done, it may queue again.
     assert submit(client).status_code == 202
+
+
+CORRUPT_PNG = png_bytes()[:200]  # decoding it would answer 415
+
+
+def test_a_key_over_its_share_is_refused_before_its_upload_is_decoded(capped):
+    client, service = capped
+    for _ in range(2):
+        assert submit(client).status_code == 202
+    assert service.started.wait(30)
+    data = {"prompt": "x", "image": (io.BytesIO(CORRUPT_PNG), "p.png")}
+    assert_error(client.post("/jobs", headers=KEY, data=data), 429, "MAX_QUEUED_PER_KEY")
+    assert_error(post_generate(client, CORRUPT_PNG), 429, "MAX_QUEUED_PER_KEY")
+    # /preprocess counts against the same share while the key's jobs wait.
+    assert_error(preprocess(client), 429, "MAX_QUEUED_PER_KEY")
+    assert preprocess(client, OTHER).status_code == 200
+
+
+def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_service, tmp_path):
+    service = Gated(pipeline_service)
+    with serving(tiny_settings(tmp_path, QUEUE_SIZE="1"), service) as client:
+        assert submit(client).status_code == 202
+        assert service.started.wait(30)
+        assert submit(client).status_code == 202
+        assert_error(post_generate(client, CORRUPT_PNG, headers=OTHER), 503, "queue is full")

@@ -40,18 +40,25 @@ def info():
 
 @images.post("/preprocess")
 def preprocess():
-    fields, data = read_image_form(current_app.extensions["edge_fields"], current_app.extensions["settings"])
-    upload = decode_upload(data, current_app.extensions["decode_limits"])
-    edges = make_control_image(upload.frames[0], fields.resolution, fields.low_threshold, fields.high_threshold)
+    """Counts against the key's MAX_QUEUED_PER_KEY while it runs, like a generation."""
+    with current_app.extensions["worker"].counted(g.owner):
+        fields, data = read_image_form(current_app.extensions["edge_fields"], current_app.extensions["settings"])
+        with current_app.extensions["decode_slots"].hold():
+            upload = decode_upload(data, current_app.extensions["decode_limits"])
+            edges = make_control_image(upload.frames[0], fields.resolution, fields.low_threshold, fields.high_threshold)
     return send_file(io.BytesIO(encode_png(edges)), mimetype="image/png", download_name="edges.png")
 
 
 @images.post("/generate")
 def generate():
     settings, worker = current_app.extensions["settings"], current_app.extensions["worker"]
+    # Refused before the costly decoding when the key or the queue has no room.
+    worker.check_room(g.owner)
     fields, data = read_image_form(current_app.extensions["generate_fields"], settings)
-    upload = decode_upload(data, current_app.extensions["decode_limits"])
-    generation = build_request(g.request_id, fields, upload)
+    with current_app.extensions["decode_slots"].hold():
+        upload = decode_upload(data, current_app.extensions["decode_limits"])
+        generation = build_request(g.request_id, fields, upload)
+        upload = upload.without_frames()
     g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
     future = worker.submit(generation, owner=g.owner)
     stem = new_file_stem()

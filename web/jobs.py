@@ -32,9 +32,13 @@ def _shown(job: Job) -> dict[str, object]:
 @jobs.post("/jobs")
 def submit():
     settings = current_app.extensions["settings"]
+    # Refused before the costly decoding when the key or the queue has no room.
+    current_app.extensions["worker"].check_room(g.owner)
     fields, data = read_image_form(current_app.extensions["generate_fields"], settings)
-    upload = decode_upload(data, current_app.extensions["decode_limits"])
-    generation = build_request(uuid.uuid4().hex, fields, upload)
+    with current_app.extensions["decode_slots"].hold():
+        upload = decode_upload(data, current_app.extensions["decode_limits"])
+        generation = build_request(uuid.uuid4().hex, fields, upload)
+        upload = upload.without_frames()
     g.log_fields.update(job=generation.request_id, image="{}x{}".format(*generation.size))
     job = _manager().submit(g.owner, generation, upload, data)
     shown = _shown(job)

@@ -14,7 +14,10 @@ ERROR_STATUSES = {
     "415": "The image is not a PNG, JPEG or GIF, or cannot be decoded",
     "429": "This key is over its rate limit or its share of the queue; see Retry-After",
     "500": "Generation failed; the message carries a request id to look up in the server log",
-    "503": "The queue is full, the model is not ready, or the GPU ran out of memory; see Retry-After",
+    "503": (
+        "The queue is full, the model is not ready, the GPU ran out of memory, or the server is decoding as "
+        "many uploads as it may (MAX_CONCURRENT_DECODES); see Retry-After"
+    ),
     "504": "The result did not come within GENERATION_TIMEOUT_S",
     "507": "The server's disk is full",
 }
@@ -78,6 +81,7 @@ def build_document(app: Flask) -> dict:
                     "The Canny edge map /generate would use",
                     {"200": _text("The edge map", "image/png", binary=True)},
                     *IMAGE_ERRORS,
+                    "503",
                     form="PreprocessForm",
                 )
             },
