@@ -60,6 +60,15 @@ class HeadTimedWorker(ThreadWorker):
                 del self._head_deadlines[conn]
                 _shut(conn.sock)
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """Stopping (SIGTERM), also close the listening sockets: gunicorn 27 only stops accepting, so the
+        kernel would go on taking connections that no one answers until the grace period ends; closed,
+        new clients are refused at once and can go elsewhere."""
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
     def _continue_handshake(self, conn: TConn) -> object:
         """Take the TLS handshake as far as the client's bytes allow: None once done (the connection
         then has its HTTP parser), else what `handle` answers: _DEFER to wait for the client in the
