@@ -59,8 +59,8 @@ def cancel(job_id: str):
 
 @jobs.get("/jobs/<job_id>/result")
 def result(job_id: str):
-    path, mimetype = _manager().result_path(job_id, g.owner)
-    return send_file(path, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{path.suffix}")
+    handle, mimetype, extension = _manager().open_result(job_id, g.owner)
+    return send_file(handle, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{extension}")
 
 
 @jobs.get("/jobs/<job_id>/events")
