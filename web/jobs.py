@@ -74,7 +74,7 @@ def events(job_id: str):
         for event in manager.events(job_id, owner):
             yield _server_sent(event)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {"X-Accel-Buffering": "no"}
     return Response(stream_with_context(stream()), mimetype="text/event-stream", headers=headers)
 
 
