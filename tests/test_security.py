@@ -215,3 +215,4 @@ def test_requests_gunicorn_refuses_get_json_errors(live_server, raw, status, wor
     assert headers["content-type"] == "application/json"
     assert words in json.loads(body)["error"]
     assert requests.get(f"{live_server.url}/health", verify=str(live_server.cert), timeout=10).ok
+    record(http_layer_refusals=1)
