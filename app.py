@@ -52,6 +52,10 @@ FORM_OVERHEAD_BYTES = 256 * 1024
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 # The exit status gunicorn's arbiter reads as "the application failed to load", and stops on.
 APP_LOAD_ERROR = 4
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -78,6 +82,7 @@ def create_app(settings: Settings, worker: GenerationWorker | None = None) -> Fl
         decode_slots=DecodeSlots(settings.max_concurrent_decodes),
     )
     _init_request_log(app, settings)
+    _init_security_headers(app, settings)
     _init_auth(app, settings)
     _init_rate_limit(app, settings)
     _init_errors(app)
@@ -131,16 +136,42 @@ def _init_request_log(app: Flask, settings: Settings) -> None:
     @app.after_request
     def log_request(response):
         response.headers["X-Request-ID"] = g.request_id
-        response.headers["X-Content-Type-Options"] = "nosniff"
         fields = {
             "request_id": g.request_id,
             "client": request.remote_addr,
             "method": request.method,
             "path": request.path,
+            "query": request.query_string.decode("latin-1"),
             "status": response.status_code,
             "duration_ms": round((time.perf_counter() - g.started) * 1000, 1),
+            "user_agent": request.headers.get("User-Agent", ""),
         } | g.log_fields
-        request_log.info(" ".join(f"{key}={value}" for key, value in fields.items()))
+        request_log.info(" ".join(f"{key}={_log_value(value)}" for key, value in fields.items() if value != ""))
+        return response
+
+
+def _log_value(value: object) -> str:
+    """A value as one unambiguous word of the log line: the client chooses the path (decoded, so %0D%0A is
+    a real line break), the query and the headers, so without escaping it could forge whole log lines.
+    Backslashes, control and non-ASCII characters become Python escapes, spaces \\x20."""
+    return str(value).encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+
+
+def _init_security_headers(app: Flask, settings: Settings) -> None:
+    """On every answer: no MIME sniffing, no framing, scripts and styles only from this server (the page's
+    previews are data: URLs, its results blob: URLs; Swagger UI sets inline styles); over TLS, HSTS, so a
+    browser that has been here comes back over HTTPS only (over plain HTTP the header means nothing).
+    The API's answers (pictures included) are `private, no-store`; the pages keep Flask's revalidation."""
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    if settings.tls:
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+
+    @app.after_request
+    def add_security_headers(response):
+        response.headers.update(headers)
+        if request.blueprint != "pages":
+            # Answers belong to one key: no shared cache may keep them, no browser may store them.
+            response.headers["Cache-Control"] = "private, no-store"
         return response
 
 

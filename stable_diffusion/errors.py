@@ -64,6 +64,10 @@ class Conflict(ServiceError):
     status = 409
 
 
+class Gone(ServiceError):
+    status = 410
+
+
 class GenerationFailed(ServiceError):
     status = 500
 

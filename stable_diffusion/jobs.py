@@ -12,10 +12,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from stable_diffusion.errors import Conflict, GenerationCanceled, NotFound, ServiceError
+from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError, StorageFull
 from stable_diffusion.generation import render_output
 from stable_diffusion.image_processing import FILE_EXTENSIONS, DecodedImage
 from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult
@@ -93,11 +94,19 @@ class JobStore:
         self._columns = [field.name for field in fields(Job)]
 
     def add(self, job: Job) -> None:
+        """StorageFull when the disk has no room for the record (the job is then not taken)."""
         values = [getattr(job, name) for name in self._columns]
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO jobs ({', '.join(self._columns)}) VALUES ({', '.join('?' * len(values))})", values
-            )
+            try:
+                self._db.execute(
+                    f"INSERT INTO jobs ({', '.join(self._columns)}) VALUES ({', '.join('?' * len(values))})", values
+                )
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                raise StorageFull(
+                    "The server's disk is full, so the job could not be recorded (JOBS_DB); retry later."
+                ) from None
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -176,7 +185,7 @@ class JobManager:
         self._janitor.start()
 
     def submit(self, owner: str, request: GenerationRequest, upload: DecodedImage, upload_data: bytes) -> Job:
-        """Queue a job (its id is `request.request_id`); QueueFull propagates and leaves no record."""
+        """Queue a job (its id is `request.request_id`); QueueFull and StorageFull propagate and leave no record."""
         stem = new_file_stem()
         job = Job(
             id=request.request_id,
@@ -189,14 +198,21 @@ class JobManager:
             created_at=time.time(),
         )
         self.store.add(job)
+        upload_path = self.input_dir / job.input_file
+        # Saved before it is queued: a disk too full for the upload (507) costs no generation.
+        try:
+            write_atomically(upload_path, upload_data)
+        except ServiceError:
+            self.store.delete(job.id)
+            raise
         with self._changed:
             try:
                 future = self.worker.submit(request, partial(self._on_step, job.id), owner=owner)
             except ServiceError:
                 self.store.delete(job.id)
+                upload_path.unlink(missing_ok=True)
                 raise
             self._running[job.id] = _Running(future)
-        write_atomically(self.input_dir / job.input_file, upload_data)
         future.add_done_callback(lambda done: self._finisher.submit(self._finish, job.id, request, upload, done))
         return job
 
@@ -225,14 +241,23 @@ class JobManager:
             self._record(job_id, status="canceled", error="Canceled before it started.", finished_at=time.time())
         return self.store.get(job_id)
 
-    def result_path(self, job_id: str, owner: str) -> tuple[Path, str]:
+    def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
+        """The result file, open for reading, with its MIME type and extension. Opened here, so a file
+        removed under a job (by the retention janitor, or by hand) is a 410, not a failure to send it."""
         job = self.get(job_id, owner)
         if job.status != "succeeded":
             raise Conflict(
                 f"Job {job_id} is {job.status}; its result exists only once it has succeeded"
                 + ("." if job.finished else ": watch GET /jobs/<id>/events or poll GET /jobs/<id>.")
             )
-        return self.output_dir / job.result_file, job.result_type
+        path = self.output_dir / job.result_file
+        try:
+            return path.open("rb"), job.result_type, path.suffix
+        except FileNotFoundError:
+            raise Gone(
+                f"Job {job_id}'s result file is gone (results are kept for {self.retention_s:g} s, "
+                "JOB_RETENTION_S); submit the job again."
+            ) from None
 
     def events(self, job_id: str, owner: str, heartbeat_s: float = 15.0) -> Iterator[JobEvent | None]:
         """Status, progress and preview changes as they happen, ending with the finished status;
@@ -270,13 +295,14 @@ class JobManager:
         return self._version != seen or self._closed.is_set()
 
     def remove_expired(self) -> int:
-        """Delete jobs that finished longer than the retention period ago, with their files."""
+        """Delete jobs that finished longer than the retention period ago, the record first: a job is never
+        listed without its files (a crash in between leaves only unlisted files)."""
         expired = self.store.finished_before(time.time() - self.retention_s)
         for job in expired:
+            self.store.delete(job.id)
             for folder, name in ((self.input_dir, job.input_file), (self.output_dir, job.result_file)):
                 if name:
                     (folder / name).unlink(missing_ok=True)
-            self.store.delete(job.id)
         return len(expired)
 
     def close(self) -> None:

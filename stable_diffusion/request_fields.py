@@ -39,6 +39,11 @@ def edge_fields_model(settings: Settings) -> type[BaseModel]:
         low_threshold: int = Field(100, ge=0, le=255, description="Canny's lower threshold, 0 to 255")
         high_threshold: int = Field(200, ge=0, le=255, description="Canny's upper threshold, 0 to 255")
 
+        @model_validator(mode="before")
+        @classmethod
+        def _plain_numbers(cls, values: object) -> object:
+            return _refuse_underscore_digits(cls, values)
+
         @model_validator(mode="after")
         def _thresholds_ordered(self):
             return _require_below(self, "low_threshold", "high_threshold")
@@ -104,6 +109,20 @@ def _true_or_false(value: object) -> object:
             raise ValueError("must be true or false")
         return value.strip().lower() == "true"
     return value
+
+
+def _refuse_underscore_digits(model: type[BaseModel], values: object) -> object:
+    """Python (and so pydantic) reads `1_0` as 10; no client means that, so numbers are plain digits."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            field = model.model_fields.get(name)
+            if field is not None and field.annotation in _NUMBERS and isinstance(value, str) and "_" in value:
+                raise ValueError(f"{name}: {value!r} is not a number (no underscores between digits); send "
+                                 f"{field.description}")
+    return values
+
+
+_NUMBERS = (int, float, int | None)
 
 
 def _require_below(fields: BaseModel, lower: str, upper: str) -> BaseModel:

@@ -31,6 +31,8 @@ def browser(live_server):
     options.binary_location = shutil.which("chromium")
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--ignore-certificate-errors"):
         options.add_argument(argument)
+    # The console, where the Content-Security-Policy reports what it blocked.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     yield driver
     driver.quit()
@@ -238,3 +240,15 @@ def test_the_docs_load_without_a_prompt_and_take_the_key_in_authorize(browser, l
     # The key entered stays for the next visit.
     browser.refresh()
     assert try_it_out(browser, "operations-default-get_info") == "200"
+
+
+def test_the_content_security_policy_blocks_nothing_the_pages_use(browser, live_server, tmp_path):
+    browser.get_log("browser")  # what earlier tests left
+    fill_form(browser, live_server, tmp_path, API_KEY)
+    element(browser, "submit").click()
+    WebDriverWait(browser, 90).until(lambda _: element(browser, "download").is_displayed())
+    browser.get(f"{live_server.url}/docs")
+    wait_for_css(browser, ".swagger-ui .info .title")
+    assert try_it_out(browser, "operations-default-get_info") in ("200", "401")  # 401 without a saved key
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    assert not [message for message in console if "Content Security Policy" in message], console

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
@@ -30,16 +31,26 @@ def full_disk(tmp_path):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder, fill(folder)
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder):
+    """The file that takes every byte left in `folder`'s file system."""
     filler = folder / "filler"
     try:
-        with filler.open("wb") as handle:
+        with filler.open("ab") as handle:
             while True:
                 handle.write(b"\0" * 4096)
                 handle.flush()
     except OSError:
         pass
-    yield folder, filler
-    subprocess.run(["umount", str(folder)], check=True)
+    return filler
+
+
+def images_generated(client) -> float:
+    metrics = client.get("/metrics", headers=KEY).get_data(as_text=True)
+    return float(re.search(r"^images_generated_total (\S+)$", metrics, re.M).group(1))
 
 
 def test_a_full_disk_is_507_json_with_no_partial_file_and_then_recovers(worker, tmp_path, full_disk):
@@ -53,6 +64,45 @@ def test_a_full_disk_is_507_json_with_no_partial_file_and_then_recovers(worker, 
     filler.unlink()
     assert post_generate(client, png_bytes()).status_code == 200
     record(faults_injected=2, faults_survived=2)
+
+
+def jobs_by_status(client) -> dict[str, int]:
+    metrics = client.get("/metrics", headers=KEY).get_data(as_text=True)
+    return {status: int(float(count)) for status, count in re.findall(r'^jobs\{status="(\w+)"\} (\S+)$', metrics, re.M)}
+
+
+def test_a_full_input_disk_is_507_before_any_generation_and_leaves_no_job(worker, tmp_path, full_disk):
+    folder, filler = full_disk
+    settings = tiny_settings(tmp_path, INPUT_DIR=str(folder))
+    client = create_app(settings, worker).test_client()
+    assert_error(post_generate(client, png_bytes()), 507, "disk is full", folder.name)
+    assert_error(submit(client), 507, "disk is full", "Retry later")
+    assert files_in(folder) == ["filler"]
+    filler.unlink()
+    assert post_generate(client, png_bytes()).status_code == 200
+    # The worker runs in order, so anything queued by the refused requests has run by now: the upload
+    # is saved before the generation is queued, so nothing was, and no job was left behind.
+    assert images_generated(client) == 1
+    assert jobs_by_status(client) == dict.fromkeys(["queued", "running", "succeeded", "failed", "canceled"], 0)
+    wait_for(client, submit(client).get_json()["id"], "succeeded")
+    record(faults_injected=2, faults_survived=2)
+
+
+def test_a_full_disk_under_the_jobs_database_is_507_and_recovers(worker, tmp_path, full_disk):
+    folder, filler = full_disk
+    filler.unlink()
+    settings = tiny_settings(tmp_path, JOBS_DB=str(folder / "jobs.sqlite3"))
+    client = create_app(settings, worker).test_client()
+    try:
+        fill(folder)
+        assert_error(submit(client), 507, "disk is full", "JOBS_DB")
+        assert files_in(settings.input_dir) == [] and images_generated(client) == 0
+        assert client.get("/health").status_code == 200
+        filler.unlink()
+        wait_for(client, submit(client).get_json()["id"], "succeeded")
+    finally:
+        client.application.extensions["jobs"].close()  # lets the tmpfs be unmounted
+    record(faults_injected=1, faults_survived=1)
 
 
 def send_and_hang_up(server: LiveServer, body_fields: dict) -> None:

@@ -59,19 +59,25 @@ def assert_picture_or_client_error(response: requests.Response, context) -> None
     assert "Traceback" not in message and "/work" not in message and ".py" not in message, context
 
 
-def wait_for_job(server, job_id: str) -> None:
+def assert_job_delivers_a_picture(server, job_id: str, context) -> None:
+    """An accepted job ends succeeded, within the bound, and its result is a PNG or GIF."""
     deadline = time.monotonic() + BOUND_S
-    while requests.get(f"{server.url}/jobs/{job_id}", headers=KEY, verify=str(server.cert), timeout=10).json()[
+    while (job := requests.get(f"{server.url}/jobs/{job_id}", headers=KEY, verify=str(server.cert), timeout=10).json())[
         "status"
     ] in ("queued", "running"):
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, context
         time.sleep(0.1)
+    assert job["status"] == "succeeded", (context, job)
+    result = requests.get(f"{server.url}/jobs/{job_id}/result", headers=KEY, verify=str(server.cert), timeout=10)
+    assert result.status_code == 200, (context, result.text[:300])
+    assert result.headers["Content-Type"] in ("image/png", "image/gif"), context
+    assert result.content.startswith((b"\x89PNG\r\n\x1a\n", b"GIF89a")), context
 
 
 def test_every_hostile_file_gets_a_picture_or_a_4xx_on_every_image_endpoint(server):
     corpus = hostile_files()
     assert len(corpus) >= 40
-    server_errors = 0
+    server_errors = jobs_succeeded = 0
     for name, data in corpus:
         for path in IMAGE_ENDPOINTS:
             before = kept_files(server)
@@ -81,8 +87,12 @@ def test_every_hostile_file_gets_a_picture_or_a_4xx_on_every_image_endpoint(serv
             if response.status_code >= 400:
                 assert kept_files(server) == before, (name, path, "a refused upload left files")
             if response.status_code == 202:
-                wait_for_job(server, response.json()["id"])
-    record(hostile_files=len(corpus), hostile_requests=len(corpus) * len(IMAGE_ENDPOINTS), hostile_5xx=server_errors)
+                assert_job_delivers_a_picture(server, response.json()["id"], (name, path))
+                jobs_succeeded += 1
+    record(
+        hostile_files=len(corpus), hostile_requests=len(corpus) * len(IMAGE_ENDPOINTS), hostile_5xx=server_errors,
+        hostile_jobs_succeeded=jobs_succeeded,
+    )
     assert requests.get(f"{server.url}/ready", headers=KEY, verify=str(server.cert), timeout=10).status_code == 200
     assert post(server, "/generate", {"image": ("ok.png", png_bytes())}).status_code == 200
 
@@ -129,6 +139,20 @@ def test_every_field_fuzzed_gets_a_picture_or_a_4xx(server):
             server_errors += response.status_code >= 500
             assert_picture_or_client_error(response, (field, value[:20]))
     record(fuzzed_fields=len(fuzz_fields(server)), fuzz_requests=tried, fuzz_5xx=server_errors)
+
+
+def test_text_that_is_not_utf8_and_numbers_with_underscores_are_400(server):
+    image = {"image": ("p.png", png_bytes())}
+    for field in ("prompt", "negative_prompt"):
+        for value in FUZZ_BYTES:
+            response = post(server, "/generate", image, data={"prompt": "a fox", field: value})
+            assert response.status_code == 400, (field, value, response.status_code)
+            assert f"{field} is not valid UTF-8" in response.json()["error"]
+    for field, value in (("steps", "1_0"), ("seed", "1_000"), ("guidance_scale", "7_5"), ("resolution", "6_4")):
+        response = post(server, "/generate", image, data={"prompt": "a fox", field: value})
+        assert response.status_code == 400, (field, value, response.status_code)
+        assert f"{field}: '{value}' is not a number (no underscores" in response.json()["error"]
+    record(encoding_and_digit_cases=2 * len(FUZZ_BYTES) + 4)
 
 
 def test_repeated_fields_fields_as_files_and_files_as_fields_are_400(server):

@@ -186,6 +186,17 @@ def test_unknown_jobs_are_404(client):
     assert_error(client.delete("/jobs/nope", headers=KEY), 404, "No job")
 
 
+def test_a_result_whose_file_is_gone_is_410_json(client, settings):
+    job_id = submit(client).get_json()["id"]
+    wait_for(client, job_id, "succeeded")
+    (result_file,) = settings.output_dir.iterdir()
+    result_file.unlink()  # as the retention janitor, or an operator, would
+    response = client.get(f"/jobs/{job_id}/result", headers=KEY)
+    assert_error(response, 410, "result file is gone", "JOB_RETENTION_S", "submit the job again")
+    assert response.headers["Cache-Control"] == "private, no-store"
+    assert client.get(f"/jobs/{job_id}", headers=KEY).get_json()["status"] == "succeeded"
+
+
 def test_a_bad_job_is_refused_before_anything_is_queued_or_written(client, settings):
     assert_error(submit(client, steps="0"), 400, "steps")
     assert_error(submit(client, prompt=""), 400, "prompt")

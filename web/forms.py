@@ -32,6 +32,13 @@ def read_image_form(fields_model: type[BaseModel], settings: Settings) -> tuple[
         sent = request.form.getlist(name)
         if len(sent) > 1:
             raise InvalidField(f"{name} was sent {len(sent)} times; send it once.")
+        if "\ufffd" in sent[0]:
+            # Werkzeug decodes text fields as UTF-8 and puts U+FFFD where the bytes were not: refused rather
+            # than generating from a prompt the client never wrote.
+            raise InvalidField(
+                f"{name} is not valid UTF-8 text (bytes that are not UTF-8 arrive as U+FFFD); send the form "
+                "fields encoded as UTF-8."
+            )
         values[name] = sent[0]
     if len(images) > 1:
         raise InvalidField(f"image was sent {len(images)} times; send one picture per request.")

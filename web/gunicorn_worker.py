@@ -3,13 +3,15 @@ while its bytes arrive, and must finish its TLS handshake and request head withi
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
 import time
 
-from gunicorn import http
+from gunicorn import http, util
 from gunicorn import sock as gunicorn_sock
+from gunicorn.http import errors
 from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
 
@@ -69,6 +71,24 @@ class HeadTimedWorker(ThreadWorker):
             for listener in self.sockets:
                 listener.close()
 
+    def handle_error(self, req, client, addr, exc) -> None:
+        """Requests gunicorn refuses before the app sees them get the API's JSON error, saying what to fix,
+        rather than gunicorn's HTML page; anything else (a failure of the app itself) is gunicorn's."""
+        answer = _refusal(exc, self.cfg)
+        if answer is None:
+            return super().handle_error(req, client, addr, exc)
+        status, reason, message = answer
+        self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], exc)
+        body = json.dumps({"error": message}).encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n\r\n"
+        )
+        try:
+            util.write_nonblock(client, head.encode("latin-1") + body)
+        except OSError:
+            self.log.debug("Failed to send error message.")
+
     def _continue_handshake(self, conn: TConn) -> object:
         """Take the TLS handshake as far as the client's bytes allow: None once done (the connection
         then has its HTTP parser), else what `handle` answers: _DEFER to wait for the client in the
@@ -91,6 +111,36 @@ class HeadTimedWorker(ThreadWorker):
         # A client may connect ahead of its request (browsers do): it waits in the poller too.
         conn.data_ready = False
         return None if conn.sock.pending() or conn.wait_for_data(0) else _DEFER
+
+
+_MALFORMED = (
+    errors.InvalidRequestLine, errors.InvalidRequestMethod, errors.InvalidHTTPVersion, errors.InvalidHeader,
+    errors.InvalidHeaderName, errors.ObsoleteFolding, errors.InvalidChunkSize, errors.ChunkMissingTerminator,
+    errors.InvalidChunkExtension, errors.InvalidSchemeHeaders, errors.InvalidProxyLine,
+)
+
+
+def _refusal(exc: Exception, cfg) -> tuple[int, str, str] | None:
+    """Status, reason and message for a request gunicorn's parser refused; None for other failures."""
+    if isinstance(exc, (errors.InvalidResponseHeader, errors.InvalidResponseHeaderName)):
+        return None  # the app's answer was bad, not the request
+    if isinstance(exc, errors.LimitRequestLine):
+        return 414, "URI Too Long", (
+            f"The request line is too long ({exc}): URLs are limited to {cfg.limit_request_line} bytes; "
+            "send the fields in the form body instead of the query string."
+        )
+    if isinstance(exc, errors.LimitRequestHeaders):
+        return 431, "Request Header Fields Too Large", (
+            f"The request headers are too large ({exc}): at most {cfg.limit_request_fields} headers of "
+            f"{cfg.limit_request_field_size} bytes each; drop the large or repeated ones (cookies?)."
+        )
+    if isinstance(exc, errors.UnsupportedTransferCoding):
+        return 501, "Not Implemented", f"{exc}; send the body with Content-Length or chunked encoding."
+    if isinstance(exc, errors.ExpectationFailed):
+        return 417, "Expectation Failed", f"{exc}; the only Expect this server takes is 100-continue."
+    if isinstance(exc, _MALFORMED):
+        return 400, "Bad Request", f"Malformed HTTP request ({exc}); send a valid HTTP/1.1 request."
+    return None
 
 
 def _shut(connection: socket.socket) -> None:

@@ -7,7 +7,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, current_app, g, jsonify, send_file
 
-from stable_diffusion.errors import GenerationTimeout
+from stable_diffusion.errors import GenerationTimeout, ServiceError
 from stable_diffusion.generation import build_request, render_output
 from stable_diffusion.image_processing import FILE_EXTENSIONS, decode_upload, encode_png, make_control_image
 from stable_diffusion.storage import new_file_stem, write_atomically
@@ -60,9 +60,15 @@ def generate():
         generation = build_request(g.request_id, fields, upload)
         upload = upload.without_frames()
     g.log_fields.update(image="{}x{}".format(*generation.size), prompt_chars=len(fields.prompt))
-    future = worker.submit(generation, owner=g.owner)
     stem = new_file_stem()
-    write_atomically(settings.input_dir / f"{stem}.{FILE_EXTENSIONS[upload.format]}", data)
+    upload_path = settings.input_dir / f"{stem}.{FILE_EXTENSIONS[upload.format]}"
+    # Saved before it is queued: a disk too full for the upload (507) costs no generation.
+    write_atomically(upload_path, data)
+    try:
+        future = worker.submit(generation, owner=g.owner)
+    except ServiceError:
+        upload_path.unlink(missing_ok=True)
+        raise
     try:
         result = future.result(timeout=settings.generation_timeout_s)
     except FutureTimeout:

@@ -59,8 +59,8 @@ def cancel(job_id: str):
 
 @jobs.get("/jobs/<job_id>/result")
 def result(job_id: str):
-    path, mimetype = _manager().result_path(job_id, g.owner)
-    return send_file(path, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{path.suffix}")
+    handle, mimetype, extension = _manager().open_result(job_id, g.owner)
+    return send_file(handle, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{extension}")
 
 
 @jobs.get("/jobs/<job_id>/events")
@@ -74,7 +74,7 @@ def events(job_id: str):
         for event in manager.events(job_id, owner):
             yield _server_sent(event)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {"X-Accel-Buffering": "no"}
     return Response(stream_with_context(stream()), mimetype="text/event-stream", headers=headers)
 
 

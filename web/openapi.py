@@ -10,6 +10,7 @@ ERROR_STATUSES = {
     "401": "The x-api-key header is missing or wrong",
     "404": "No such job for this API key",
     "409": "The job is not in a state that allows this",
+    "410": "The job's result file is gone (removed by the retention period or by an operator)",
     "413": "The upload or the request is over its size limit",
     "415": "The image is not a PNG, JPEG or GIF, or cannot be decoded",
     "429": "This key is over its rate limit or its share of the queue; see Retry-After",
@@ -113,7 +114,7 @@ def build_document(app: Flask) -> dict:
             },
             "/jobs/{job_id}/result": {
                 "parameters": [job_id],
-                "get": _operation("The picture of a succeeded job", {"200": picture}, "401", "404", "409"),
+                "get": _operation("The picture of a succeeded job", {"200": picture}, "401", "404", "409", "410"),
             },
             "/jobs/{job_id}/events": {
                 "parameters": [job_id],

@@ -39,7 +39,8 @@ def _not_ready_message(state: str) -> str:
 @operations.get("/metrics")
 def metrics():
     registry = current_app.extensions["metrics"].registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: CONTENT_TYPE_LATEST already names its charset, and mimetype would add another.
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 class Metrics:
