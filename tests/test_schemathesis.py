@@ -59,8 +59,9 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
         "--max-response-time", "120",
         "--no-color",
     ]
-    environment = os.environ | {"SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=environment)
+    # Run from tmp_path: schemathesis keeps a cache of its findings in its working folder.
+    environment = os.environ | {"SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
     output = completed.stdout + completed.stderr
     generated = re.search(r"(\d+) generated", output)
     failures = re.search(r"(\d+) found (\d+) unique failures?", output)
