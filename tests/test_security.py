@@ -83,7 +83,8 @@ def test_every_route_and_method_refuses_every_bad_key_and_public_ones_answer(liv
     # What is public: liveness, the static page shells and the OpenAPI document (they hold no data; the pages
     # call the API with a key).
     assert PUBLIC_ENDPOINTS == {
-        "operations.health", "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi"
+        "operations.health", "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi",
+        "pages.favicon",
     }
 
 

@@ -13,7 +13,9 @@ from flask import Blueprint, current_app, jsonify, send_from_directory
 from web.openapi import build_document
 
 pages = Blueprint("pages", __name__, static_folder="static", static_url_path="/static")
-PUBLIC_ENDPOINTS = {"pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi"}
+PUBLIC_ENDPOINTS = {
+    "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi", "pages.favicon"
+}
 SWAGGER_ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"}
 
 
@@ -32,6 +34,12 @@ def swagger_asset(name: str):
     if name not in SWAGGER_ASSETS:
         return jsonify(error=f"No asset {name!r}."), 404
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, name)
+
+
+@pages.get("/favicon.ico")
+def favicon():
+    """Browsers ask for it on every page; without it each visit logs a 401."""
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, "favicon-32x32.png", mimetype="image/png")
 
 
 @pages.get("/openapi.json")
