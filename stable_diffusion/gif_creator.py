@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import imageio.v3 as iio
-import numpy as np
 from PIL import Image
 
 STEP_FRAME_MS = 120
@@ -16,14 +14,15 @@ FINAL_FRAME_MS = 2000
 def encode_gif(frames: Sequence[Image.Image], durations_ms: Sequence[int], loop: int | None) -> bytes:
     """GIF bytes, one frame per image. `loop` None means play once, 0 means forever.
 
+    Pillow's own writer with `save_all`, which takes a list of durations however many frames there are
+    (imageio's plugin wrote a single frame without it, and Pillow's single-frame path fails on a list).
     Identical consecutive frames are merged by the encoder with their durations added, which plays
     the same.
     """
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    options = {"loop": loop} if loop is not None else {}
     buffer = io.BytesIO()
-    options = {"duration": list(durations_ms)}
-    if loop is not None:
-        options["loop"] = loop
-    iio.imwrite(buffer, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]), extension=".gif", **options)
+    first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=list(durations_ms), **options)
     return buffer.getvalue()
 
 
