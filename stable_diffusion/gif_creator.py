@@ -19,10 +19,10 @@ def encode_gif(frames: Sequence[Image.Image], durations_ms: Sequence[int], loop:
     Identical consecutive frames are merged by the encoder with their durations added, which plays
     the same.
     """
+    # imageio writes a one-frame GIF as a still picture, whose writer takes one duration, not a list.
+    durations = list(durations_ms) if len(frames) > 1 else durations_ms[0]
+    options = {"duration": durations} | ({"loop": loop} if loop is not None else {})
     buffer = io.BytesIO()
-    options = {"duration": list(durations_ms)}
-    if loop is not None:
-        options["loop"] = loop
     iio.imwrite(buffer, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]), extension=".gif", **options)
     return buffer.getvalue()
 

@@ -167,23 +167,28 @@ class PipelineService:
 
         images: list[list[Image.Image]] = [[] for _ in requests]
         for chunk in chunks:
-            chunk = [sample for sample in chunk if sample.index not in progress.canceled]
+            chunk = [sample for sample in chunk if progress.wanted(sample)]
             if not chunk:
                 continue
+            # 3. Generate, following each sample's edge map.
             try:
-                # 3. Generate, following each sample's edge map.
                 generated = self._generate(chunk, progress)
-                # 4. Refine: a low-strength img2img pass over the result, guided by the same edges, in one
-                #    run whatever the samples' strengths (each starts at its own step).
-                refining = [i for i, sample in enumerate(chunk) if sample.request.refine_steps]
-                if refining:
+            except GenerationCanceled:
+                continue  # every sample of this run was canceled
+            # 4. Refine: a low-strength img2img pass over the result, guided by the same edges, in one run
+            #    whatever the samples' strengths (each starts at its own step). Only samples still wanted
+            #    refine; should they all cancel during it, the others keep their first-pass pictures.
+            refining = [i for i, sample in enumerate(chunk) if sample.request.refine_steps and progress.wanted(sample)]
+            if refining:
+                try:
                     refined = self._refine([chunk[i] for i in refining], [generated[i] for i in refining], progress)
                     for i, image in zip(refining, refined, strict=True):
                         generated[i] = image
-            except GenerationCanceled:
-                continue  # every sample of this run was canceled
+                except GenerationCanceled:
+                    pass
             for sample, image in zip(chunk, generated, strict=True):
-                images[sample.index].append(image)
+                if progress.wanted(sample):
+                    images[sample.index].append(image)
         seconds = time.perf_counter() - started
         return [
             progress.canceled.get(index)
@@ -323,6 +328,10 @@ class _BatchProgress:
     def start(self) -> None:
         for index in range(len(self.requests)):
             self._notify(index, None)
+
+    def wanted(self, sample: _Sample) -> bool:
+        """False once the sample's request was canceled."""
+        return sample.index not in self.canceled
 
     def callback_for(self, samples: list[_Sample], waits: list[int]):
         """The pipeline's step callback for a run of `samples`; sample `i` starts after `waits[i]` steps."""

@@ -107,10 +107,11 @@ class GenerationWorker:
         future: Future[GenerationResult] = Future()
         with self._wakeup:
             self._check_room(owner)
-            self._pending.append(_Item(request, on_step, future))
+            item = _Item(request, on_step, future)
+            self._pending.append(item)
             self._per_owner[owner] += 1
             self._wakeup.notify()
-        future.add_done_callback(lambda _: self._release(owner))
+        future.add_done_callback(lambda _: self._release(owner, item))
         return future
 
     def check_room(self, owner: str = "") -> None:
@@ -151,11 +152,15 @@ class GenerationWorker:
                 retry_after=wait,
             )
 
-    def _release(self, owner: str) -> None:
+    def _release(self, owner: str, item: _Item | None = None) -> None:
+        """When a request ends, its key's count drops; a request canceled while queued (a job's cancel,
+        a /generate that timed out) also gives its place in the queue back now, not when its turn comes."""
         with self._wakeup:
             self._per_owner[owner] -= 1
             if not self._per_owner[owner]:
                 del self._per_owner[owner]
+            if item is not None and item in self._pending:
+                self._pending.remove(item)
 
     def position(self, future: Future) -> int | None:
         """How many requests wait ahead of `future` (0: next), or None once it left the queue."""
@@ -259,8 +264,10 @@ class GenerationWorker:
             item.future.set_result(outcome)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Item:
+    """A queued request; items compare by identity, so two equal requests are still two places."""
+
     request: GenerationRequest
     on_step: ProgressCallback | None
     future: Future

@@ -12,6 +12,7 @@ from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_service import PipelineService
 from stable_diffusion.worker import GenerationWorker
 from tests.doubles import Gated
+from tests.figures import record
 from tests.test_models import edge_request
 
 DIFFERENT = [
@@ -43,16 +44,54 @@ def test_a_batched_result_equals_the_same_request_run_alone(pipeline_service):
     assert len(set(flat)) == len(flat)
 
 
-def test_a_canceled_request_drops_out_and_the_rest_of_its_batch_finishes(pipeline_service):
-    requests = [edge_request(request_id="keep", seed=5), edge_request(request_id="drop", seed=6)]
+# Cancel points of a 4-step request: before its first step, during the first pass, and (when it
+# refines at 0.5, 2 more steps) during the second.
+CANCEL_AT = {"before it starts": 0, "in pass 1": 2, "in pass 2": 5}
+CANCEL_CASES = [
+    (neighbour, refine, when, first)
+    for neighbour in (0.0, 0.5)
+    for refine in (0.0, 0.5)
+    for when in CANCEL_AT
+    if refine or when != "in pass 2"
+    for first in (True, False)
+]
 
-    def cancel_at_step_two(done, total, preview):
-        if done == 2:
+
+@pytest.fixture(scope="module")
+def alone(pipeline_service):
+    """The neighbour's picture run alone, once per refine strength."""
+    return {
+        strength: pipeline_service.run(edge_request(request_id="keep", seed=5, refine_strength=strength)).images[0]
+        for strength in (0.0, 0.5)
+    }
+
+
+@pytest.mark.parametrize(
+    ("neighbour", "refine", "when", "canceled_first"), CANCEL_CASES,
+    ids=[f"neighbour{n}-refine{r}-{w.replace(' ', '_')}-{'first' if f else 'last'}" for n, r, w, f in CANCEL_CASES],
+)
+def test_a_canceled_request_drops_out_and_only_it(pipeline_service, alone, neighbour, refine, when, canceled_first):
+    keep = edge_request(request_id="keep", seed=5, refine_strength=neighbour)
+    drop = edge_request(request_id="drop", seed=6, refine_strength=refine)
+    seen = []
+
+    def cancel(done, total, preview):
+        seen.append(done)
+        if done == CANCEL_AT[when]:
             raise GenerationCanceled("Canceled while running.")
 
-    kept, dropped = pipeline_service.run_batch(requests, [None, cancel_at_step_two])
-    assert isinstance(dropped, GenerationCanceled)
-    assert_same_picture(kept.images[0], pipeline_service.run(requests[0]).images[0])
+    progress = []
+    batch = [("keep", keep, lambda done, total, preview: progress.append((done, total))), ("drop", drop, cancel)]
+    names, requests, on_steps = zip(*(batch[::-1] if canceled_first else batch), strict=True)
+    outcomes = dict(zip(names, pipeline_service.run_batch(list(requests), list(on_steps)), strict=True))
+    assert isinstance(outcomes["drop"], GenerationCanceled)
+    assert seen[-1] == CANCEL_AT[when], "the canceled request was told of steps after it canceled"
+    # The neighbour finishes as if it had run alone, whatever its companion did.
+    assert len(outcomes["keep"].images) == 1
+    assert_same_picture(outcomes["keep"].images[0], alone[neighbour])
+    total = keep.steps + keep.refine_steps
+    assert progress == [(done, total) for done in range(total + 1)]
+    record(cancel_in_batch_combinations=1)
 
 
 @pytest.mark.parametrize("scheduler", ["unipc", "dpmpp_2m", "euler_a", "euler", "ddim"])

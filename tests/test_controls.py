@@ -86,6 +86,12 @@ def test_progress_gif_shows_every_step_ending_on_the_result(client):
     assert gif.n_frames == 5 + 2  # generation steps, refinement steps; the last one is the final picture
 
 
+def test_a_one_step_progress_gif_is_the_final_picture(client):
+    response = post_generate(client, png_bytes(), steps="1", refine_strength="0", progress_gif="true")
+    assert response.status_code == 200 and response.mimetype == "image/gif", response.get_data(as_text=True)
+    assert Image.open(io.BytesIO(response.data)).n_frames == 1
+
+
 def test_progress_gif_is_for_still_images(client):
     assert_error(post_generate(client, animated_gif_bytes([50, 50]), progress_gif="true"), 400, "still images")
 

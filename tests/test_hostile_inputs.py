@@ -3,16 +3,20 @@ bounded time, nothing kept for refused requests, and the server healthy afterwar
 
 from __future__ import annotations
 
+import io
 import re
 import time
+from collections import OrderedDict
 
 import pytest
 import requests
+from allpairspy import AllPairs
+from PIL import Image
 
 from tests.conftest import API_KEY, LiveServer
 from tests.figures import record
 from tests.hostile_files import hostile_files
-from tests.images import png_bytes
+from tests.images import animated_gif_bytes, drawing, encode, png_bytes
 
 KEY = {"x-api-key": API_KEY}
 IMAGE_ENDPOINTS = ("/generate", "/preprocess", "/jobs")
@@ -153,6 +157,62 @@ def test_text_that_is_not_utf8_and_numbers_with_underscores_are_400(server):
         assert response.status_code == 400, (field, value, response.status_code)
         assert f"{field}: '{value}' is not a number (no underscores" in response.json()["error"]
     record(encoding_and_digit_cases=2 * len(FUZZ_BYTES) + 4)
+
+
+def field_combinations(schema: dict) -> list[dict]:
+    """Every pair of edge values of any two fields appears together in at least one request (allpairspy's
+    pairwise cover); the smallest resolution and the samplers come from the published schema."""
+    smallest = schema["resolution"]["minimum"]
+    uploads = {
+        "still": ("p.png", png_bytes()),
+        "tall": ("t.png", png_bytes(40, 96)),
+        "jpeg": ("p.jpg", encode(drawing(), "JPEG")),
+        "animated": ("a.gif", animated_gif_bytes([80, 200], size=(48, 32))),
+    }
+    values = OrderedDict(
+        image=list(uploads),
+        progress_gif=["true", "false"],
+        steps=[1, 2, 3],
+        refine_strength=[0, 0.5, 1],
+        scheduler=schema["scheduler"]["enum"],
+        control_window=[(0, 1), (0.5, 0.55), (0, 0.01), (0.99, 1)],
+        guidance_scale=[0, 7.5, 30],
+        resolution=[smallest, smallest + 8, 2 * smallest],
+        sensitivity=[0, 1, 2],
+        thresholds=[(100, 200), (0, 1), (254, 255)],
+        seed=[0, 2**32 - 1],
+        negative_prompt=["", "blurry, dark"],
+    )
+
+    def valid(row: list) -> bool:
+        # A progress GIF of an animated upload is refused with a 400, by design.
+        return len(row) < 2 or not (row[0] == "animated" and row[1] == "true")
+
+    combinations = []
+    for row in AllPairs(values, filter_func=valid):
+        fields = row._asdict()
+        image = uploads[fields.pop("image")]
+        fields["control_start"], fields["control_end"] = fields.pop("control_window")
+        fields["low_threshold"], fields["high_threshold"] = fields.pop("thresholds")
+        combinations.append((image, {"prompt": "a fox"} | {name: str(value) for name, value in fields.items()}))
+    return combinations
+
+
+def test_every_pairwise_combination_of_valid_field_values_gets_its_picture(server):
+    document = requests.get(f"{server.url}/openapi.json", headers=KEY, verify=str(server.cert), timeout=10).json()
+    combinations = field_combinations(document["components"]["schemas"]["GenerateForm"]["properties"])
+    failures = []
+    for image, data in combinations:
+        response = post(server, "/generate", {"image": image}, data=data)
+        animated = data["progress_gif"] == "true" or image[0].endswith(".gif")
+        expected = "image/gif" if animated else "image/png"
+        if response.status_code != 200 or response.headers["Content-Type"] != expected:
+            failures.append((data, image[0], response.status_code, response.text[:200]))
+            continue
+        picture = Image.open(io.BytesIO(response.content))
+        assert max(picture.size) == int(data["resolution"]), (data, picture.size)
+    record(field_combination_requests=len(combinations), field_combination_failures=len(failures))
+    assert not failures, failures
 
 
 def test_repeated_fields_fields_as_files_and_files_as_fields_are_400(server):

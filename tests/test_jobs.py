@@ -9,6 +9,7 @@ import time
 import pytest
 from PIL import Image
 
+from stable_diffusion.jobs import FINISHED
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes
@@ -151,6 +152,23 @@ def test_canceling_a_running_job_stops_it_at_its_next_step(client):
     assert "Canceled" in job["error"]
     # The worker is free again.
     wait_for(client, submit(client).get_json()["id"], "succeeded")
+
+
+def test_a_key_canceling_its_job_leaves_the_other_keys_job_in_the_same_batch_succeeding(pipeline_service, settings):
+    service = Gated(pipeline_service)
+    with serving(settings, service, max_batch=2, batch_wait_s=5) as client:
+        # One batch: their job refines, mine does not; theirs is held before its first step.
+        theirs = submit(client, headers=OTHER_KEY, refine_strength="0.5").get_json()["id"]
+        mine = submit(client, refine_strength="0").get_json()["id"]
+        assert service.started.wait(30)
+        canceled = client.delete(f"/jobs/{theirs}", headers=OTHER_KEY)
+        assert canceled.get_json()["status"] == "running"
+        service.open()
+        assert wait_for(client, theirs, *FINISHED, headers=OTHER_KEY)["status"] == "canceled"
+        job = wait_for(client, mine, *FINISHED)
+        assert job["status"] == "succeeded", job
+        response = client.get(f"/jobs/{mine}/result", headers=KEY)
+        assert response.mimetype == "image/png" and Image.open(io.BytesIO(response.data)).size == (64, 48)
 
 
 def test_a_full_queue_answers_503_with_retry_after(pipeline_service, tmp_path):

@@ -118,3 +118,25 @@ def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_service, 
         assert service.started.wait(30)
         assert submit(client).status_code == 202
         assert_error(post_generate(client, CORRUPT_PNG, headers=OTHER), 503, "queue is full")
+
+
+def test_canceled_and_timed_out_requests_give_their_queue_places_back_at_once(pipeline_service, tmp_path):
+    service = Gated(pipeline_service)
+    settings = tiny_settings(tmp_path, QUEUE_SIZE="4", GENERATION_TIMEOUT_S="1")
+    with serving(settings, service, max_per_owner=2) as client:
+        running = submit(client).get_json()["id"]
+        assert service.started.wait(30)
+        # The other key fills its share and cancels it, twice: as many places as the queue has.
+        for _ in range(2):
+            for job_id in [submit(client, headers=OTHER).get_json()["id"] for _ in range(2)]:
+                assert client.delete(f"/jobs/{job_id}", headers=OTHER).get_json()["status"] == "canceled"
+            assert client.get("/ready", headers=KEY).get_json()["queue_depth"] == 0
+        queued = submit(client)
+        assert queued.status_code == 202, queued.get_json()
+        # A /generate that times out while waiting leaves the queue as it found it.
+        assert_error(post_generate(client, png_bytes(), headers=OTHER), 504, "GENERATION_TIMEOUT_S")
+        assert client.get("/ready", headers=KEY).get_json()["queue_depth"] == 1
+        assert submit(client, headers=OTHER).status_code == 202
+        service.open()
+        for job_id in (running, queued.get_json()["id"]):
+            wait_for(client, job_id, "succeeded")
