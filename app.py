@@ -328,7 +328,10 @@ class GunicornServer(BaseApplication):
             # On SIGTERM: stop accepting, let in-flight requests and queued work finish for this long.
             "graceful_timeout": int(settings.shutdown_grace_s),
             "worker_exit": _finish_work,
-            "when_ready": lambda arbiter: print(f"serving {_public_url(settings)}", file=sys.stderr, flush=True),
+            "when_ready": lambda arbiter: print(
+                f"listening on {_public_url(settings)} (the model loads in the background; /ready says when)",
+                file=sys.stderr, flush=True,
+            ),
             "errorlog": "-",
             "accesslog": None,
             "control_socket_disable": True,
@@ -339,10 +342,19 @@ class GunicornServer(BaseApplication):
             options |= {"certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
         for key, value in options.items():
             self.cfg.set(key, value)
+        if settings.tls:
+            logging.getLogger("gunicorn.error").addFilter(_say_https)
 
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
         return create_app(self.settings, start_worker(self.settings, on_load_failed=_stop_serving))
+
+
+def _say_https(record: logging.LogRecord) -> bool:
+    """gunicorn names its listening sockets http:// whatever they serve; over TLS, its line says https://."""
+    if record.msg.startswith("Listening at:") and record.args:
+        record.args = (str(record.args[0]).replace("http://", "https://"), *record.args[1:])
+    return True
 
 
 def _public_url(settings: Settings) -> str:

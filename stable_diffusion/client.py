@@ -156,11 +156,11 @@ def _certificate_advice(exc: requests.exceptions.SSLError, ca_cert: str | None) 
     if ca_cert:
         return (
             f"error: the server's certificate does not match {ca_cert}{why}: pass the server's own certificate, "
-            "its ssl_cert/cert.pem (SSL_CERT_FILE), or --insecure instead of --ca-cert to accept any."
+            "its ssl_cert/cert.pem (TLS_CERT_FILE), or --insecure instead of --ca-cert to accept any."
         )
     return (
         f"error: the server's certificate is not trusted{why}. The server makes a self-signed one on first start: "
-        "pass --ca-cert ssl_cert/cert.pem (that file from the server, its SSL_CERT_FILE) to trust exactly it, "
+        "pass --ca-cert ssl_cert/cert.pem (that file from the server, its TLS_CERT_FILE) to trust exactly it, "
         "or --insecure to accept any certificate."
     )
 

@@ -89,6 +89,7 @@ def test_the_command_line_client_says_how_to_trust_the_self_signed_certificate(l
     assert untrusted.returncode == 1
     assert untrusted.stderr.startswith("error: the server's certificate is not trusted (self-signed certificate)")
     assert "--ca-cert ssl_cert/cert.pem" in untrusted.stderr and "--insecure" in untrusted.stderr
+    assert "TLS_CERT_FILE" in untrusted.stderr and "SSL_CERT_FILE" not in untrusted.stderr
     assert "Traceback" not in untrusted.stderr and "SSLError" not in untrusted.stderr
     assert untrusted.stderr.count("\n") == 1  # no progress bar before it
     ensure_certificate(tmp_path / "other.pem", tmp_path / "other-key.pem")
