@@ -27,14 +27,13 @@ from stable_diffusion.request_fields import edge_fields_model, generate_fields_m
 from stable_diffusion.settings import Settings, SettingsError
 from stable_diffusion.tls import CertificateError, ensure_certificate
 from stable_diffusion.worker import GenerationWorker
+from web.access import is_public
 from web.gunicorn_worker import worker_class
 from web.images import images
 from web.jobs import jobs
 from web.operations import Metrics, operations
-from web.pages import PUBLIC_ENDPOINTS as PAGES
 from web.pages import pages
 
-PUBLIC_ENDPOINTS = {"operations.health", *PAGES}
 RATE_LIMITED_ENDPOINTS = {"images.generate", "images.preprocess", "jobs.submit"}
 # The IETF's RateLimit-* fields (draft-ietf-httpapi-ratelimit-headers) instead of flask-limiter's X-RateLimit-*.
 # flask-limiter adds the reset moment as a Unix time, then sets the seconds until it under the name of its
@@ -181,7 +180,7 @@ def _init_auth(app: Flask, settings: Settings) -> None:
     @app.before_request
     def require_api_key() -> None:
         # Browsers send CORS preflights without credentials; flask-cors answers them.
-        if request.endpoint in PUBLIC_ENDPOINTS or request.method == "OPTIONS":
+        if request.method == "OPTIONS" or is_public(app, request.endpoint):
             return
         given = request.headers.get("x-api-key")
         if given is None:

@@ -13,12 +13,13 @@ import sys
 import pytest
 import requests
 
-from app import PUBLIC_ENDPOINTS, create_app
+from app import create_app
 from stable_diffusion.settings import REPO_ROOT, SettingsError
 from tests.conftest import API_KEY, SECOND_KEY, tiny_settings
 from tests.figures import record
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error
+from web.access import public_endpoints
 
 BAD_KEYS = {
     "missing": None,
@@ -60,10 +61,10 @@ def send_raw(url: str, method: str, path: str, key: str | None, headers=()) -> t
     return response.status, body
 
 
-def expected_without_a_key(endpoint: str, method: str) -> int:
+def expected_without_a_key(app, endpoint: str, method: str) -> int:
     """OPTIONS is answered without a key (browsers send CORS preflights without credentials), with no
     body; the public pages and /health answer 200; everything else is 401."""
-    return 200 if method == "OPTIONS" or endpoint in PUBLIC_ENDPOINTS else 401
+    return 200 if method == "OPTIONS" or endpoint in public_endpoints(app) else 401
 
 
 def test_every_route_and_method_refuses_every_bad_key_and_public_ones_answer(live_server, app):
@@ -72,7 +73,7 @@ def test_every_route_and_method_refuses_every_bad_key_and_public_ones_answer(liv
         for label, key in BAD_KEYS.items():
             status, body = send_raw(live_server.url, method, path, key)
             tried += 1
-            assert status == expected_without_a_key(endpoint, method), (method, path, label, status)
+            assert status == expected_without_a_key(app, endpoint, method), (method, path, label, status)
             if status == 401 and method != "HEAD":
                 assert b'"error"' in body
             if method in ("HEAD", "OPTIONS"):
@@ -82,7 +83,7 @@ def test_every_route_and_method_refuses_every_bad_key_and_public_ones_answer(liv
     assert tried >= 5 * 30
     # What is public: liveness, the static page shells and the OpenAPI document (they hold no data; the pages
     # call the API with a key).
-    assert PUBLIC_ENDPOINTS == {
+    assert public_endpoints(app) == {
         "operations.health", "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi",
         "pages.favicon",
     }

@@ -7,11 +7,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from stable_diffusion.jobs import JobStore
+from web.access import public
 
 operations = Blueprint("operations", __name__)
 
 
 @operations.get("/health")
+@public
 def health():
     """Alive; says nothing about the model (that is /ready)."""
     return jsonify(status="ok")

@@ -7,29 +7,39 @@ the API, called with the key the person types in.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import swagger_ui_bundle
 from flask import Blueprint, current_app, jsonify, send_from_directory
 
+from web.access import public
 from web.openapi import build_document
 
-pages = Blueprint("pages", __name__, static_folder="static", static_url_path="/static")
-PUBLIC_ENDPOINTS = {
-    "pages.index", "pages.docs", "pages.static", "pages.swagger_asset", "pages.openapi", "pages.favicon"
-}
+pages = Blueprint("pages", __name__)
+STATIC = Path(__file__).resolve().parent / "static"
 SWAGGER_ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"}
 
 
 @pages.get("/")
+@public
 def index():
-    return pages.send_static_file("index.html")
+    return send_from_directory(STATIC, "index.html")
 
 
 @pages.get("/docs")
+@public
 def docs():
-    return pages.send_static_file("docs.html")
+    return send_from_directory(STATIC, "docs.html")
+
+
+@pages.get("/static/<path:filename>")
+@public
+def static(filename: str):
+    return send_from_directory(STATIC, filename)
 
 
 @pages.get("/docs/assets/<name>")
+@public
 def swagger_asset(name: str):
     if name not in SWAGGER_ASSETS:
         return jsonify(error=f"No asset {name!r}."), 404
@@ -37,11 +47,13 @@ def swagger_asset(name: str):
 
 
 @pages.get("/favicon.ico")
+@public
 def favicon():
     """Browsers ask for it on every page; without it each visit logs a 401."""
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, "favicon-32x32.png", mimetype="image/png")
 
 
 @pages.get("/openapi.json")
+@public
 def openapi():
     return jsonify(build_document(current_app))
