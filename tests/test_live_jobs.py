@@ -12,7 +12,7 @@ from PIL import Image
 
 from stable_diffusion.client import ApiError, Client
 from stable_diffusion.settings import REPO_ROOT
-from stable_diffusion.tls import ensure_self_signed_certificate
+from stable_diffusion.tls import ensure_certificate
 from tests.conftest import API_KEY, LiveServer
 from tests.images import png_bytes
 
@@ -91,7 +91,7 @@ def test_the_command_line_client_says_how_to_trust_the_self_signed_certificate(l
     assert "--ca-cert ssl_cert/cert.pem" in untrusted.stderr and "--insecure" in untrusted.stderr
     assert "Traceback" not in untrusted.stderr and "SSLError" not in untrusted.stderr
     assert untrusted.stderr.count("\n") == 1  # no progress bar before it
-    ensure_self_signed_certificate(tmp_path / "other.pem", tmp_path / "other-key.pem")
+    ensure_certificate(tmp_path / "other.pem", tmp_path / "other-key.pem")
     wrong_cert = run_client(live_server, str(tmp_path / "in.png"), "x", "--key", API_KEY, "--ca-cert",
                             str(tmp_path / "other.pem"))
     assert wrong_cert.returncode == 1 and "does not match" in wrong_cert.stderr and "--insecure" in wrong_cert.stderr
