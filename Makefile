@@ -32,8 +32,8 @@ lint: install-dev
 	$(BIN)/ruff check .
 
 bench: install-dev
-	$(BIN)/python bench/benchmark.py --mode cpu
+	$(BIN)/python -m bench.benchmark --mode cpu
 
 # On a CUDA/ROCm machine: the service against plain diffusers, full-size SD 1.5 with random weights.
 bench-gpu: install-dev
-	$(BIN)/python bench/benchmark.py --mode gpu
+	$(BIN)/python -m bench.benchmark --mode gpu

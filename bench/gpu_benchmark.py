@@ -5,8 +5,8 @@ images/s at 8 concurrent clients, peak GPU memory, and model FLOPs utilisation (
 counted with torch.utils.flop_counter, over the measured time, against the GPU's dense fp16 peak).
 The service path is the worker with dynamic batching; the baseline runs one request at a time.
 
-    python bench/gpu_benchmark.py                                  # on a CUDA/ROCm GPU
-    python bench/gpu_benchmark.py --model tiny --device cpu --dtype float32 --resolution 128 --compile off --no-record
+    python -m bench.gpu_benchmark                                  # on a CUDA/ROCm GPU
+    python -m bench.gpu_benchmark --model tiny --device cpu --dtype float32 --resolution 128 --compile off --no-record
                                                                    # a quick check of the script itself
 """
 
@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import StableDiffusionControlNetImg2ImgPipeline
-from http_overhead import REPO_ROOT, picture, record_entry  # noqa: F401  (REPO_ROOT puts the repo on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.http_overhead import picture, record_entry
 from stable_diffusion.generation import build_request
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
@@ -91,7 +91,7 @@ def main() -> None:
         work = (f"{args.model}, {width}x{height}, {args.steps} steps, {args.dtype} on {device}; "
                 f"service: {described}; "
                 f"latency: median of {args.runs} single requests; images/s: {CLIENTS} clients x {args.per_client}")
-        command = "python bench/gpu_benchmark.py " + " ".join(sys.argv[1:])
+        command = "python -m bench.gpu_benchmark " + " ".join(sys.argv[1:])
         record_entry(f"Service against plain diffusers, {device}", command.strip(), work, table)
 
 

@@ -3,7 +3,7 @@
 Tiny model on the CPU, 256 px, 20 steps, refinement at its default. Prints a table and appends it,
 with the date, machine and command, to docs/BENCHMARKS.md.
 
-    python bench/http_overhead.py [--runs 7]
+    python -m bench.http_overhead [--runs 7]
 """
 
 from __future__ import annotations
@@ -21,21 +21,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
-from pathlib import Path
 
 import requests
 import torch
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from stable_diffusion.generation import build_request  # noqa: E402
-from stable_diffusion.image_processing import DecodeLimits, decode_upload  # noqa: E402
-from stable_diffusion.pipeline_initialization import load_pipelines  # noqa: E402
-from stable_diffusion.pipeline_service import PipelineService  # noqa: E402
-from stable_diffusion.request_fields import generate_fields_model  # noqa: E402
-from stable_diffusion.settings import Settings  # noqa: E402
+from stable_diffusion.generation import build_request
+from stable_diffusion.image_processing import DecodeLimits, decode_upload
+from stable_diffusion.pipeline_initialization import load_pipelines
+from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.request_fields import generate_fields_model
+from stable_diffusion.settings import REPO_ROOT, Settings
 
 KEY = "bench-key"
 FIELDS = {"prompt": "a lighthouse on a cliff", "resolution": "256", "steps": "20", "seed": "1"}
@@ -163,7 +159,7 @@ def record(table: str, runs: int) -> None:
         "384x256 PNG upload, resolution 256, 20 steps, refinement 0.3, seed 1; "
         f"{runs} timed runs of each, alternating, after one warm-up each"
     )
-    record_entry("HTTP overhead, tiny model on CPU", f"python bench/http_overhead.py --runs {runs}", work, table)
+    record_entry("HTTP overhead, tiny model on CPU", f"python -m bench.http_overhead --runs {runs}", work, table)
 
 
 def machine_line() -> str:

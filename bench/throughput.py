@@ -2,7 +2,7 @@
 (BATCH_SIZE=1) and on (BATCH_SIZE=8). Tiny model on the CPU; prints a table and appends it, with the
 date, machine and command, to docs/BENCHMARKS.md.
 
-    python bench/throughput.py [--requests-per-client 3] [--resolution 256] [--steps 20] [--rounds 2]
+    python -m bench.throughput [--requests-per-client 3] [--resolution 256] [--steps 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import requests
-from http_overhead import KEY, free_port, live_server, picture, record_entry, server_environment
+
+from bench.http_overhead import KEY, free_port, live_server, picture, record_entry, server_environment
 
 CLIENTS = (1, 4, 8)
 BATCH_SIZES = (1, 8)
@@ -82,7 +83,7 @@ def main() -> None:
     print(table)
     if not args.no_record:
         command = (
-            f"python bench/throughput.py --requests-per-client {args.requests_per_client} "
+            f"python -m bench.throughput --requests-per-client {args.requests_per_client} "
             f"--resolution {args.resolution} --steps {args.steps} --rounds {args.rounds}"
         )
         work = (

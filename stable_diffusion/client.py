@@ -1,6 +1,7 @@
 """A client for the API: a small Python class for scripts, and a command line on top of it.
 
     python -m stable_diffusion.client generate photo.png "a lighthouse at dusk" -o out.png --insecure
+    sd-client generate photo.png "a lighthouse at dusk" -o out.png --insecure    # after `pip install .`
 
 It submits a job, follows its event stream with a progress bar, and saves the result. The server's
 address and key come from --url/--key or SD_API_URL/SD_API_KEY.
@@ -174,7 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     trust.add_argument("--ca-cert", help="trust this certificate file, e.g. the server's ssl_cert/cert.pem")
     connection.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    parser = argparse.ArgumentParser(prog="python -m stable_diffusion.client", description=__doc__.split("\n")[0])
+    # The usage line names the command as typed: the installed `sd-client` script or the module.
+    program = "sd-client" if Path(sys.argv[0]).name == "sd-client" else "python -m stable_diffusion.client"
+    parser = argparse.ArgumentParser(prog=program, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser(
         "generate", parents=[connection], help="generate a picture from IMAGE's edges and PROMPT"

@@ -12,7 +12,7 @@ from stable_diffusion.settings import REPO_ROOT
 
 def test_gpu_benchmark_prints_both_paths_for_both_refine_strengths():
     completed = subprocess.run(
-        [sys.executable, "bench/gpu_benchmark.py", "--model", "tiny", "--device", "cpu", "--dtype", "float32",
+        [sys.executable, "-m", "bench.gpu_benchmark", "--model", "tiny", "--device", "cpu", "--dtype", "float32",
          "--resolution", "64", "--steps", "2", "--runs", "1", "--per-client", "1", "--compile", "off",
          "--no-record"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
