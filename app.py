@@ -17,22 +17,22 @@ from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from gunicorn.app.base import BaseApplication
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from stable_diffusion.api_keys import digest, entry_digest, matches_any
+from service.api_keys import digest, entry_digest, matches_any
+from service.fields import edge_fields_model, generate_fields_model
+from service.jobs import JobManager, JobStore
+from service.settings import Settings, SettingsError
+from service.worker import GenerationWorker
 from stable_diffusion.errors import ServiceError, Unauthorized
 from stable_diffusion.image_processing import DecodeLimits, DecodeSlots, return_freed_pictures_to_the_os
-from stable_diffusion.jobs import JobManager, JobStore
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import edge_fields_model, generate_fields_model
-from stable_diffusion.settings import Settings, SettingsError
-from stable_diffusion.tls import CertificateError, ensure_certificate
-from stable_diffusion.worker import GenerationWorker
 from web.access import is_public
 from web.gunicorn_worker import worker_class
 from web.images import images
 from web.jobs import jobs
 from web.operations import Metrics, operations
 from web.pages import pages
+from web.tls import CertificateError, ensure_certificate
 
 RATE_LIMITED_ENDPOINTS = {"images.generate", "images.preprocess", "jobs.submit"}
 # The IETF's RateLimit-* fields (draft-ietf-httpapi-ratelimit-headers) instead of flask-limiter's X-RateLimit-*.

@@ -25,13 +25,13 @@ from diffusers import StableDiffusionControlNetImg2ImgPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.http_overhead import picture, record_entry
-from stable_diffusion.generation import build_request
+from service.fields import generate_fields_model
+from service.generation import build_request
+from service.settings import Settings
+from service.worker import GenerationWorker
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import generate_fields_model
-from stable_diffusion.settings import Settings
-from stable_diffusion.worker import GenerationWorker
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks, in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250": 362e12}

@@ -26,12 +26,12 @@ import requests
 import torch
 from PIL import Image, ImageDraw
 
-from stable_diffusion.generation import build_request
+from service.fields import generate_fields_model
+from service.generation import build_request
+from service.settings import REPO_ROOT, Settings
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import generate_fields_model
-from stable_diffusion.settings import REPO_ROOT, Settings
 
 KEY = "bench-key"
 FIELDS = {"prompt": "a lighthouse on a cliff", "resolution": "256", "steps": "20", "seed": "1"}

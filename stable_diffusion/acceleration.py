@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionControlNetPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from stable_diffusion.settings import Settings
+from service.settings import Settings
 
 # Graphs kept per compiled model: batch sizes, both passes, a few picture sizes.
 RECOMPILE_LIMIT = 64

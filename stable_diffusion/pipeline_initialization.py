@@ -22,8 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from service.settings import Settings, SettingsError
 from stable_diffusion.acceleration import Speed, apply_speed_settings
-from stable_diffusion.settings import Settings, SettingsError
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"

@@ -17,10 +17,10 @@ import requests
 from flask.testing import FlaskClient
 
 from app import create_app
+from service.settings import REPO_ROOT, Settings
+from service.worker import GenerationWorker
 from stable_diffusion.pipeline_initialization import load_pipelines
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.settings import REPO_ROOT, Settings
-from stable_diffusion.worker import GenerationWorker
 from tests.doubles import Gated
 
 API_KEY = "test-key-0123456789abcdef"

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from service.worker import GenerationWorker
 from stable_diffusion.errors import GenerationCanceled
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.worker import GenerationWorker
 from tests.doubles import Gated
 from tests.figures import record
 from tests.test_models import edge_request

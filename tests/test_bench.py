@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from stable_diffusion.settings import REPO_ROOT
+from service.settings import REPO_ROOT
 
 
 def test_gpu_benchmark_prints_both_paths_for_both_refine_strengths():

@@ -14,9 +14,9 @@ from PIL import Image
 from werkzeug.datastructures import MultiDict
 
 from app import create_app
+from service.fields import generate_fields_model
+from service.settings import REPO_ROOT
 from stable_diffusion.pipeline_service import PipelineService
-from stable_diffusion.request_fields import generate_fields_model
-from stable_diffusion.settings import REPO_ROOT
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stable_diffusion.settings import REPO_ROOT
+from service.settings import REPO_ROOT
 from tests.conftest import free_port
 
 SCRIPT = REPO_ROOT / "scripts" / "install_torch.py"

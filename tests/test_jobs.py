@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from stable_diffusion.jobs import FINISHED
+from service.jobs import FINISHED
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes

@@ -10,11 +10,11 @@ import time
 import requests
 from PIL import Image
 
+from service.settings import REPO_ROOT
 from stable_diffusion.client import ApiError, Client
-from stable_diffusion.settings import REPO_ROOT
-from stable_diffusion.tls import ensure_certificate
 from tests.conftest import API_KEY, LiveServer
 from tests.images import png_bytes
+from web.tls import ensure_certificate
 
 
 def wait_for(client: Client, job_id: str, done, timeout: float = 60) -> dict:

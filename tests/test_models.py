@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from service.settings import Settings, SettingsError
 from stable_diffusion.image_processing import fit_size, make_canny_edges
 from stable_diffusion.pipeline_initialization import (
     FULL_SIZE_MODEL_DIR,
@@ -19,7 +20,6 @@ from stable_diffusion.pipeline_initialization import (
     save_tiny_model,
 )
 from stable_diffusion.pipeline_service import GenerationRequest, PipelineService
-from stable_diffusion.settings import Settings, SettingsError
 from tests.conftest import tiny_environment
 from tests.images import drawing
 

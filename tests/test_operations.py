@@ -10,8 +10,8 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 from app import create_app
-from stable_diffusion.settings import Settings
-from stable_diffusion.worker import GenerationWorker
+from service.settings import Settings
+from service.worker import GenerationWorker
 from tests.conftest import API_KEY, tiny_environment
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, post_generate

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stable_diffusion.settings import REPO_ROOT
+from service.settings import REPO_ROOT
 from tests.conftest import API_KEY
 from tests.images import png_bytes
 

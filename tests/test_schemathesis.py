@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stable_diffusion.settings import REPO_ROOT
+from service.settings import REPO_ROOT
 from tests.conftest import API_KEY, LiveServer
 from tests.figures import record
 

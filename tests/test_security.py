@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from app import create_app
-from stable_diffusion.settings import REPO_ROOT, SettingsError
+from service.settings import REPO_ROOT, SettingsError
 from tests.conftest import API_KEY, SECOND_KEY, tiny_settings
 from tests.figures import record
 from tests.images import png_bytes
@@ -100,7 +100,7 @@ def test_a_key_padded_with_spaces_or_a_tab_is_the_key(live_server):
 
 def test_a_key_stored_as_its_sha256_is_accepted_and_the_hash_itself_is_not(worker, tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "stable_diffusion.api_keys"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "service.api_keys"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     )
     key = re.search(r"secret\): (\S+)", completed.stdout).group(1)
     entry = re.search(r"others\): (sha256:[0-9a-f]{64})", completed.stdout).group(1)

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from stable_diffusion.settings import REPO_ROOT, SD15_CANNY_CONTROLNET_ID, SD15_MODEL_ID
+from service.settings import REPO_ROOT, SD15_CANNY_CONTROLNET_ID, SD15_MODEL_ID
 from tests.conftest import API_KEY, LiveServer, free_port
 from tests.images import drawing, encode, png_bytes
 

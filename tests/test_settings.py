@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stable_diffusion.settings import REPO_ROOT, SD15_MODEL_ID, Settings, SettingsError
+from service.settings import REPO_ROOT, SD15_MODEL_ID, Settings, SettingsError
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):

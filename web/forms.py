@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import request
 from pydantic import BaseModel
 
+from service.fields import parse_fields
+from service.settings import Settings
 from stable_diffusion.errors import InvalidField, PayloadTooLarge
-from stable_diffusion.request_fields import parse_fields
-from stable_diffusion.settings import Settings
 
 
 def read_image_form(fields_model: type[BaseModel], settings: Settings) -> tuple[BaseModel, bytes]:

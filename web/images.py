@@ -7,10 +7,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, current_app, g, jsonify, send_file
 
+from service.generation import build_request, render_output
+from service.storage import new_file_stem, write_atomically
 from stable_diffusion.errors import GenerationTimeout, ServiceError
-from stable_diffusion.generation import build_request, render_output
 from stable_diffusion.image_processing import FILE_EXTENSIONS, decode_upload, encode_png, make_control_image
-from stable_diffusion.storage import new_file_stem, write_atomically
 from web.forms import read_image_form
 
 images = Blueprint("images", __name__)

@@ -8,9 +8,9 @@ import uuid
 
 from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
 
-from stable_diffusion.generation import build_request
+from service.generation import build_request
+from service.jobs import Job, JobEvent, JobManager, describe
 from stable_diffusion.image_processing import decode_upload
-from stable_diffusion.jobs import Job, JobEvent, JobManager, describe
 from web.forms import read_image_form
 
 jobs = Blueprint("jobs", __name__)

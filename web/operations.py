@@ -6,7 +6,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from stable_diffusion.jobs import JobStore
+from service.jobs import JobStore
 from web.access import public
 
 operations = Blueprint("operations", __name__)

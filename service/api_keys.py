@@ -1,6 +1,6 @@
 """API keys: kept in `.env` as the key itself or as `sha256:<hex digest>`, compared by digest.
 
-    python -m stable_diffusion.api_keys     # prints a new random key and the line to put in .env
+    python -m service.api_keys     # prints a new random key and the line to put in .env
 """
 
 from __future__ import annotations

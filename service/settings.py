@@ -10,7 +10,7 @@ from typing import Literal
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stable_diffusion.api_keys import entry_digest
+from service.api_keys import entry_digest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,9 @@ from pydantic import (
     model_validator,
 )
 
+from service.settings import Settings
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.pipeline_service import SCHEDULERS
-from stable_diffusion.settings import Settings
 
 MAX_SEED = 2**32 - 1
 MIN_RESOLUTION = 256

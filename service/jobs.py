@@ -16,12 +16,12 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from service.generation import render_output
+from service.storage import new_file_stem, write_atomically
+from service.worker import GenerationWorker
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError, StorageFull
-from stable_diffusion.generation import render_output
 from stable_diffusion.image_processing import FILE_EXTENSIONS, DecodedImage
 from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult
-from stable_diffusion.storage import new_file_stem, write_atomically
-from stable_diffusion.worker import GenerationWorker
 
 log = logging.getLogger(__name__)
 

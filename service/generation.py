@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from service.fields import MAX_SEED
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.gif_creator import encode_gif, make_progress_gif
 from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
 from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult, a1111_parameters
-from stable_diffusion.request_fields import MAX_SEED
 
 
 @dataclass(frozen=True)
