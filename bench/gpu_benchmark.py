@@ -22,16 +22,17 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import StableDiffusionControlNetImg2ImgPipeline
+from service.generation import build_request
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.http_overhead import picture, record_entry
 from service.fields import generate_fields_model
-from service.generation import build_request
+from service.local import model_config
 from service.settings import Settings
 from service.worker import GenerationWorker
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.pipeline_service import Generator
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks, in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250": 362e12}
@@ -99,14 +100,14 @@ def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, di
     """The worker with dynamic batching, warmed up (and compiled) as the server does before /ready."""
     # Loaded on the worker thread, as the server does, so all torch work happens on one thread.
     worker = GenerationWorker(
-        lambda: PipelineService(load_pipelines(settings), max_batch=CLIENTS,
+        lambda: Generator(load_pipelines(model_config(settings)), max_batch=CLIENTS,
                                 warm_up_sizes=((args.resolution,) * 2,)),
         queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01,
     )
     if not worker.wait_until_loaded():
         raise SystemExit(f"the service path failed to load: {worker.load_error!r}")
     try:
-        return worker.service.describe(), {
+        return worker.generator.describe(), {
             refine: _measure(lambda request=request: worker.submit(request).result(), args.runs, args.per_client)
             for refine, request in requests.items()
         }
@@ -117,7 +118,8 @@ def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, di
 def _measure_plain(environment: dict, requests: dict, args) -> tuple[dict, dict]:
     """What a plain script loads and does: float16, diffusers' defaults, no hooks, one request at a time;
     and the FLOPs per image, counted on this path."""
-    baseline = load_pipelines(Settings.load(env_file=None, environ=environment | {"CHANNELS_LAST": "off"}))
+    settings = Settings.load(env_file=None, environ=environment | {"CHANNELS_LAST": "off"})
+    baseline = load_pipelines(model_config(settings))
     measured = {}
     for refine, request in requests.items():
         with _one_at_a_time(_plain_call(baseline, request)) as call:

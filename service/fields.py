@@ -16,7 +16,7 @@ from pydantic import (
 
 from service.settings import Settings
 from stable_diffusion.errors import InvalidField
-from stable_diffusion.pipeline_service import SCHEDULERS
+from stable_diffusion.recipe import SAMPLERS
 
 MAX_SEED = 2**32 - 1
 MIN_RESOLUTION = 256
@@ -88,8 +88,8 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
             settings.refine_strength, ge=0.0, le=1.0, allow_inf_nan=False,
             description="strength of the img2img refinement pass, 0 to 1; 0 turns it off",
         )
-        scheduler: Literal[tuple(SCHEDULERS)] = Field(
-            "unipc", description=f"the sampler, one of {', '.join(SCHEDULERS)}"
+        scheduler: Literal[tuple(SAMPLERS)] = Field(
+            "unipc", description=f"the sampler, one of {', '.join(SAMPLERS)}"
         )
         progress_gif: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
             False, description="true or false: return an animated GIF of the denoising instead of the PNG"

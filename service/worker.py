@@ -1,9 +1,8 @@
-"""The one thread that owns the GPU: it loads the model, then serves a bounded queue of generation
-requests, each answered by a future.
+"""The one thread that owns the GPU: it loads the generator, then serves a bounded queue of generation
+requests in batches. Each request's future is answered once its result is finished (rendered and saved)
+on a small pool beside that thread, so that the GPU never waits for PNG encoding or the disk.
 
-The HTTP layer only sees `submit(request) -> Future`, `state` and `close()`, so a remote queue (Celery)
-can take this class's place without touching it.
-"""
+It imports no torch: the generator comes from the `load` function it is given."""
 
 from __future__ import annotations
 
@@ -14,50 +13,59 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
-import torch
-
+from service.interface import ResultObserver, ServiceState
 from stable_diffusion.errors import (
     GenerationCanceled,
     GenerationFailed,
-    GenerationOutOfMemory,
     ModelNotReady,
     QueueFull,
+    ServiceError,
     TooManyRequests,
 )
-from stable_diffusion.pipeline_service import (
-    GenerationRequest,
-    GenerationResult,
-    PipelineService,
-    ProgressCallback,
-)
+from stable_diffusion.recipe import Canceled, EventHandler, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
+# Threads that finish results (render, save): more than one, so that a slow disk holds up one request only.
+FINISHERS = 4
 
-# Called after every successful generation, on the worker thread; metrics listen here.
-ResultObserver = Callable[[GenerationRequest, GenerationResult], None]
+
+class Generator(Protocol):
+    """What the worker runs: stable_diffusion.pipeline_service.Generator, or a test's stand-in."""
+
+    model_name: str
+
+    def warm_up(self) -> None: ...
+
+    def run_batch(
+        self, requests: list[GenerationRequest], on_events: list[EventHandler | None]
+    ) -> list[GenerationResult | Canceled]: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def unchanged(result: GenerationResult) -> GenerationResult:
+    return result
 
 
 class GenerationWorker:
-    """States: loading -> warming_up -> ready -> stopped, or -> failed when the model cannot be loaded
-    or warmed up."""
-
     def __init__(
         self,
-        load: Callable[[], PipelineService],
+        load: Callable[[], Generator],
         queue_size: int,
         on_load_failed: Callable[[Exception], None] | None = None,
         max_per_owner: int | None = None,
         max_batch: int = 1,
         batch_wait_s: float = 0.0,
     ) -> None:
-        self.state = "loading"
+        self.state = ServiceState.LOADING
         self.load_error: Exception | None = None
         self._load, self._on_load_failed = load, on_load_failed
-        self._service: PipelineService | None = None
+        self._generator: Generator | None = None
         self._loaded = threading.Event()
         # Waiting requests, oldest first, and the per-key counts: the condition guards both and wakes
         # the worker thread.
@@ -71,18 +79,15 @@ class GenerationWorker:
         self._max_per_owner = max_per_owner or sys.maxsize
         self._per_owner: Counter[str] = Counter()
         self._average_seconds = 1.0
+        self._finisher = ThreadPoolExecutor(FINISHERS, thread_name_prefix="generation-finisher")
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
 
     @property
-    def service(self) -> PipelineService:
-        if self._service is None:
-            raise ModelNotReady(
-                "The model failed to load; see the server log." if self.state == "failed"
-                else "The model is still loading; retry in a few seconds.",
-                retry_after=5,
-            )
-        return self._service
+    def generator(self) -> Generator:
+        if self._generator is None:
+            raise ModelNotReady(self.state.not_ready_message, retry_after=5)
+        return self._generator
 
     @property
     def queue_depth(self) -> int:
@@ -94,20 +99,25 @@ class GenerationWorker:
 
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         """True once the model is loaded; False on timeout or when loading failed."""
-        return self._loaded.wait(timeout) and self.state == "ready"
+        return self._loaded.wait(timeout) and self.state == ServiceState.READY
 
     def observe(self, observer: ResultObserver) -> None:
         self._observers.append(observer)
 
     def submit(
-        self, request: GenerationRequest, on_step: ProgressCallback | None = None, owner: str = ""
-    ) -> Future[GenerationResult]:
-        """Queue a request (also while the model loads). Raises at once rather than waiting for room:
-        QueueFull when the queue is full, TooManyRequests when `owner` already has its share in it."""
-        future: Future[GenerationResult] = Future()
+        self,
+        request: GenerationRequest,
+        on_event: EventHandler | None = None,
+        owner: str = "",
+        finish: Callable[[GenerationResult], object] = unchanged,
+    ) -> Future:
+        """Queue a request (also while the model loads); its future is answered with `finish(result)`.
+        Raises at once rather than waiting for room: QueueFull when the queue is full, TooManyRequests
+        when `owner` already has its share in it."""
+        future: Future = Future()
         with self._wakeup:
             self._check_room(owner)
-            item = _Item(request, on_step, future)
+            item = _Item(request, on_event, future, finish)
             self._pending.append(item)
             self._per_owner[owner] += 1
             self._wakeup.notify()
@@ -115,8 +125,7 @@ class GenerationWorker:
         return future
 
     def check_room(self, owner: str = "") -> None:
-        """Raise now what `submit` would raise for `owner`, so that a request is refused before the
-        costly part of preparing it (decoding the upload)."""
+        """Raise now what `submit` would raise for `owner`."""
         with self._wakeup:
             self._check_room(owner)
 
@@ -133,8 +142,8 @@ class GenerationWorker:
             self._release(owner)
 
     def _check_room(self, owner: str) -> None:
-        if self.state in ("failed", "stopped"):
-            raise ModelNotReady(f"The generation worker is {self.state}; the server cannot take work now.")
+        if not self.state.takes_work:
+            raise ModelNotReady(self.state.not_ready_message)
         self._check_owner(owner)
         if len(self._pending) >= self._queue_size:
             wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
@@ -169,33 +178,34 @@ class GenerationWorker:
         return waiting.index(future) if future in waiting else None
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish the queued work, then stop the thread."""
+        """Finish the queued work, results saved, then stop the threads."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
         self._thread.join(timeout)
+        self._finisher.shutdown(wait=True)
 
     def _run(self) -> None:
         # Loading here, on the thread that runs every generation, keeps all torch work on one thread.
         try:
-            self._service = self._load()
-            self.state = "warming_up"
-            self._service.warm_up()
+            self._generator = self._load()
+            self.state = ServiceState.WARMING_UP
+            self._generator.warm_up()
         except Exception as exc:
-            self._service = None
-            self.state, self.load_error = "failed", exc
+            self._generator = None
+            self.state, self.load_error = ServiceState.FAILED, exc
             self._loaded.set()
             self._fail_queued()
             if self._on_load_failed is not None:
                 self._on_load_failed(exc)
             return
-        self.state = "ready"
+        self.state = ServiceState.READY
         self._loaded.set()
         while batch := self._next_batch():
             running = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if running:
                 self._serve(running)
-        self.state = "stopped"
+        self.state = ServiceState.STOPPED
 
     def _next_batch(self) -> list[_Item]:
         """The oldest request, with the queued ones that can share its denoising run (same size, steps
@@ -225,34 +235,23 @@ class GenerationWorker:
             items, self._pending = list(self._pending), deque()
         for item in items:
             if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(ModelNotReady("The model failed to load; see the server log."))
+                item.future.set_exception(ModelNotReady(ServiceState.FAILED.not_ready_message))
 
     def _serve(self, batch: list[_Item]) -> None:
         names = ", ".join(item.request.request_id for item in batch)
         try:
-            outcomes = self._service.run_batch([item.request for item in batch], [item.on_step for item in batch])
-        except GenerationCanceled as exc:
-            log.info("requests %s: canceled while running", names)
-            outcomes = [exc] * len(batch)
-        except torch.OutOfMemoryError:
-            log.exception("requests %s: out of GPU memory", names)
-            _free_gpu_memory()
-            error = GenerationOutOfMemory(
-                "The GPU ran out of memory for this request; retry with a lower resolution or fewer GIF frames.",
-                retry_after=5,
-            )
+            outcomes = self._generator.run_batch([item.request for item in batch], [item.on_event for item in batch])
+        except ServiceError as error:
+            # Out of GPU memory: the generator said so in a message for the caller.
             outcomes = [error] * len(batch)
         except Exception as exc:
             log.exception("requests %s: generation failed", names)
-            outcomes = [
-                GenerationFailed(
-                    f"Generation failed ({type(exc).__name__}); the server logged the details under "
-                    f"request id {item.request.request_id}."
-                )
-                for item in batch
-            ]
+            outcomes = [_failed(item.request, exc) for item in batch]
         for item, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, Canceled):
+                log.info("request %s: canceled while running", item.request.request_id)
+                outcome = GenerationCanceled(outcome.message)
+            if isinstance(outcome, Exception):
                 item.future.set_exception(outcome)
                 continue
             self._average_seconds = 0.8 * self._average_seconds + 0.2 * outcome.seconds
@@ -261,7 +260,23 @@ class GenerationWorker:
                     observer(item.request, outcome)
                 except Exception:
                     log.exception("a result observer failed")
-            item.future.set_result(outcome)
+            self._finisher.submit(_finish, item, outcome)
+
+
+def _finish(item: _Item, result: GenerationResult) -> None:
+    try:
+        item.future.set_result(item.finish(result))
+    except ServiceError as error:
+        item.future.set_exception(error)
+    except Exception as exc:
+        log.exception("request %s: finishing the result failed", item.request.request_id)
+        item.future.set_exception(_failed(item.request, exc, "Saving the result"))
+
+
+def _failed(request: GenerationRequest, exc: Exception, what: str = "Generation") -> GenerationFailed:
+    return GenerationFailed(
+        f"{what} failed ({type(exc).__name__}); the server logged the details under request id {request.request_id}."
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -269,14 +284,10 @@ class _Item:
     """A queued request; items compare by identity, so two equal requests are still two places."""
 
     request: GenerationRequest
-    on_step: ProgressCallback | None
+    on_event: EventHandler | None
     future: Future
+    finish: Callable[[GenerationResult], object]
 
 
 def _batch_key(request: GenerationRequest) -> tuple:
     return (request.size, request.steps, request.scheduler)
-
-
-def _free_gpu_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

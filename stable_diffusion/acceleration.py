@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionControlNetPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from service.settings import Settings
+from stable_diffusion.config import SpeedConfig
 
 # Graphs kept per compiled model: batch sizes, both passes, a few picture sizes.
 RECOMPILE_LIMIT = 64
@@ -29,14 +29,14 @@ class Speed:
 
 
 def apply_speed_settings(
-    pipe: StableDiffusionControlNetPipeline, device: torch.device, settings: Settings
+    pipe: StableDiffusionControlNetPipeline, device: torch.device, config: SpeedConfig
 ) -> Speed:
     """Make `pipe` fast on `device` without changing what it computes (beyond float rounding)."""
     convolutional = (pipe.unet, pipe.controlnet, pipe.vae)
     # torch's scaled_dot_product_attention picks flash or memory-efficient kernels where it can.
     for model in convolutional:
         model.set_attn_processor(AttnProcessor2_0())
-    channels_last = settings.channels_last == "on" or (settings.channels_last == "auto" and device.type == "cuda")
+    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         for model in convolutional:
             model.to(memory_format=torch.channels_last)
@@ -44,13 +44,13 @@ def apply_speed_settings(
         # Shapes repeat from request to request, so cuDNN's per-shape algorithm search pays off.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    if settings.torch_compile != "off":
+    if config.torch_compile != "off":
         # Both forwards are the same diffusers decorator's code, and torch keeps one cache of graphs per
         # code: two models times two passes times the batch shapes outgrow its default limit of 8, after
         # which it silently falls back to eager Python. Newer torch takes the limit per compiled region
         # (its dynamo config is per thread there, and the worker may not be the thread that loads);
         # older torch has only the process-wide setting.
-        options: dict[str, object] = {"mode": settings.torch_compile}
+        options: dict[str, object] = {"mode": config.torch_compile}
         if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
             options |= {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT}
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -58,4 +58,4 @@ def apply_speed_settings(
         # eager Python, so their per-step values never become graph guards that force recompiles.
         for model in (pipe.unet, pipe.controlnet):
             model.forward = torch.compile(model.forward, **options)
-    return Speed("sdpa", channels_last, settings.torch_compile)
+    return Speed("sdpa", channels_last, config.torch_compile)

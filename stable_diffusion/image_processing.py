@@ -5,26 +5,21 @@ from __future__ import annotations
 import ctypes
 import io
 import json
-import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from stable_diffusion.errors import DecodersBusy, InvalidField, UnsupportedImage
+from stable_diffusion.errors import InvalidField, UnsupportedImage
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF")
-MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}
 FILE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif"}
 
-# Our pixel limit is checked from the header before decoding; Pillow's own bomb check stays as a
-# backstop, its warning made an error so that nothing past it is ever decoded.
+# Our pixel limit is checked from the header before any pixel is decoded. Pillow's own check (an error
+# from twice its MAX_IMAGE_PIXELS) stays as a backstop; its warning below that is left alone, because
+# turning it into an error would change warning filters for the whole process on import.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 # mallopt's parameter number for the size from which allocations are mapped on their own (malloc.h).
 _M_MMAP_THRESHOLD = -3
 
@@ -58,30 +53,6 @@ class DecodedImage:
         return replace(self, frames=())
 
 
-class DecodeSlots:
-    """At most `count` uploads decoded (and turned into edge maps) at once, whatever the number of HTTP
-    threads: a picture at the pixel limit takes several hundred MB while it is decoded, so this bounds
-    the memory all requests together can take. A request waits up to `wait_s` for a slot, then gets a
-    503 with Retry-After: refusing beats swapping or being killed for memory."""
-
-    def __init__(self, count: int, wait_s: float = 10.0) -> None:
-        self.count, self.wait_s = count, wait_s
-        self._slots = threading.BoundedSemaphore(count)
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        if not self._slots.acquire(timeout=self.wait_s):
-            raise DecodersBusy(
-                f"The server is busy decoding other uploads ({self.count} at once, MAX_CONCURRENT_DECODES); "
-                "retry in a few seconds.",
-                retry_after=2,
-            )
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-
 def return_freed_pictures_to_the_os() -> None:
     """glibc keeps freed memory in per-thread arenas, so every HTTP thread that once decoded a large
     picture would keep that much for good; allocations from 4 MB on are mapped on their own instead,
@@ -105,7 +76,7 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> DecodedImage:
             "image: the file is not a PNG, JPEG or GIF (decided from its content, not its name); "
             "convert it to one of those formats."
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise InvalidField(_too_many_pixels_message(limits)) from None
     except _DECODE_ERRORS:
         raise UnsupportedImage(

@@ -22,8 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from service.settings import Settings, SettingsError
 from stable_diffusion.acceleration import Speed, apply_speed_settings
+from stable_diffusion.config import ModelConfig
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
-    """The weights could not be found or loaded; the message says what was tried and what to set."""
+    """The weights could not be found or loaded, or the device cannot run them; the message says what was
+    tried and which setting to change."""
 
 
 @dataclass
@@ -65,7 +66,7 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
-        raise SettingsError(
+        raise ModelLoadError(
             f"DEVICE={setting} but torch sees no such device; install the matching torch build "
             "(see README) or set DEVICE=auto."
         )
@@ -77,24 +78,24 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if setting == "float16" and device.type == "cpu":
-        raise SettingsError("DTYPE=float16 is not supported on the CPU; use float32, bfloat16 or auto.")
+        raise ModelLoadError("DTYPE=float16 is not supported on the CPU; use float32, bfloat16 or auto.")
     return getattr(torch, setting)
 
 
-def load_pipelines(settings: Settings) -> Pipelines:
+def load_pipelines(config: ModelConfig) -> Pipelines:
     """Load the configured weights onto the configured device, ready to generate."""
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    if settings.sd_model in RANDOM_MODELS:
-        pipe = build_random_pipeline(RANDOM_MODELS[settings.sd_model])
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.sd_model in RANDOM_MODELS:
+        pipe = build_random_pipeline(RANDOM_MODELS[config.sd_model])
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
-        model_name = settings.sd_model
+        model_name = config.sd_model
     else:
-        pipe = _load_pretrained(settings.sd_model, settings.controlnet_model, dtype)
-        model_name = f"{settings.sd_model} + {settings.controlnet_model}"
+        pipe = _load_pretrained(config.sd_model, config.controlnet_model, dtype)
+        model_name = f"{config.sd_model} + {config.controlnet_model}"
     pipe = pipe.to(device)
-    speed = apply_speed_settings(pipe, device, settings)
+    speed = apply_speed_settings(pipe, device, config.speed)
     pipe.set_progress_bar_config(disable=True)
     refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipe)
     refine.set_progress_bar_config(disable=True)

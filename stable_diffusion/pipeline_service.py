@@ -1,12 +1,10 @@
-"""Runs one generation on the loaded pipelines: ControlNet text-to-image, then a low-strength refine."""
+"""The generator: runs batches of requests on the loaded pipelines, ControlNet text-to-image then a
+low-strength refine, each request with its own controls (per_sample.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from diffusers import (
@@ -18,67 +16,25 @@ from diffusers import (
 )
 from PIL import Image
 
-from stable_diffusion.errors import GenerationCanceled
+from stable_diffusion.errors import GenerationCanceled, GenerationOutOfMemory
+from stable_diffusion.per_sample import PIPELINE_GUIDANCE, BatchProgress, PerSampleControls, Sample
 from stable_diffusion.pipeline_initialization import Pipelines
+from stable_diffusion.recipe import Canceled, EventHandler, GenerationRequest, GenerationResult
 from stable_diffusion.staggered_starts import StaggeredStarts, start_step
 
+# The diffusers scheduler behind each sampler name of recipe.SAMPLERS.
 SCHEDULERS = {
-    "unipc": (UniPCMultistepScheduler, "UniPC"),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, "DPM++ 2M"),
-    "euler_a": (EulerAncestralDiscreteScheduler, "Euler a"),
-    "euler": (EulerDiscreteScheduler, "Euler"),
-    "ddim": (DDIMScheduler, "DDIM"),
+    "unipc": UniPCMultistepScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddim": DDIMScheduler,
 }
-# Guidance is applied per sample by a hook on the UNet; the pipeline runs with this scale, which only
-# needs to be above 1 for it to compute both the conditional and the unconditional prediction.
-PIPELINE_GUIDANCE = 2.0
 
 log = logging.getLogger(__name__)
 
-# Called with (steps done, total steps, preview): once with 0 when the run starts, then after every
-# denoising step. `preview()` decodes the first picture of the batch as it looks now (None at 0).
-ProgressCallback = Callable[[int, int, Callable[[], Image.Image] | None], None]
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything one generation needs, already validated; `control_images` are the Canny edge maps."""
-
-    request_id: str
-    control_images: tuple[Image.Image, ...]
-    prompt: str
-    negative_prompt: str = ""
-    sensitivity: float = 1.0
-    seed: int = 0
-    steps: int = 20
-    guidance_scale: float = 7.5
-    control_start: float = 0.0
-    control_end: float = 1.0
-    refine_strength: float = 0.3
-    scheduler: str = "unipc"
-    progress_gif: bool = False
-    # The caller's full recipe (thresholds and resolution included), written into the output's metadata.
-    recipe: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.control_images[0].size
-
-    @property
-    def refine_steps(self) -> int:
-        """The steps img2img runs at this strength; under one step, refinement is skipped."""
-        return int(self.steps * self.refine_strength)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    images: tuple[Image.Image, ...]
-    seconds: float
-    # With `progress_gif`: the picture after every denoising step, decoded from the latents.
-    step_previews: tuple[Image.Image, ...] = ()
-
-
-class PipelineService:
+class Generator:
     """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run` and `run_batch`."""
 
     def __init__(
@@ -89,10 +45,9 @@ class PipelineService:
         self.warm_up_sizes = warm_up_sizes
         self.warm_up_seconds: float | None = None
         self._schedulers = {
-            name: cls.from_config(pipelines.generate.scheduler.config)
-            for name, (cls, _) in SCHEDULERS.items()
+            name: scheduler.from_config(pipelines.generate.scheduler.config) for name, scheduler in SCHEDULERS.items()
         }
-        self._per_sample = _PerSampleControls(pipelines)
+        self._per_sample = PerSampleControls(pipelines)
 
     @property
     def model_name(self) -> str:
@@ -134,30 +89,45 @@ class PipelineService:
             " and ".join(map(str, batches)),
         )
 
-    def run(self, request: GenerationRequest, on_step: ProgressCallback | None = None) -> GenerationResult:
-        outcome = self.run_batch([request], [on_step])[0]
-        if isinstance(outcome, GenerationCanceled):
-            raise outcome
+    def run(self, request: GenerationRequest, on_event: EventHandler | None = None) -> GenerationResult:
+        outcome = self.run_batch([request], [on_event])[0]
+        if isinstance(outcome, Canceled):
+            raise GenerationCanceled(outcome.message)
         return outcome
 
     def run_batch(
-        self, requests: list[GenerationRequest], on_steps: list[ProgressCallback | None]
-    ) -> list[GenerationResult | GenerationCanceled]:
+        self, requests: list[GenerationRequest], on_events: list[EventHandler | None]
+    ) -> list[GenerationResult | Canceled]:
         """Generate for requests that share size, steps and sampler, in denoising runs of at most
         `max_batch` pictures (GIF frames count one each). Every request keeps its own prompts, seed,
         guidance, ControlNet weight and window, and refine strength (refining in one run, each sample
-        from its own start: see staggered_starts.py). A request whose `on_step` raises
-        GenerationCanceled drops out; its entry in the answer is that exception."""
+        from its own start: see staggered_starts.py). A request whose event handler raises
+        GenerationCanceled drops out and is answered Canceled. Out of GPU memory, the cache is emptied
+        and GenerationOutOfMemory raised for the whole batch."""
+        try:
+            return self._run_batch(requests, on_events)
+        except torch.OutOfMemoryError:
+            log.exception("out of GPU memory for %s", ", ".join(request.request_id for request in requests))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise GenerationOutOfMemory(
+                "The GPU ran out of memory for this request; retry with a lower resolution or fewer GIF frames.",
+                retry_after=5,
+            ) from None
+
+    def _run_batch(
+        self, requests: list[GenerationRequest], on_events: list[EventHandler | None]
+    ) -> list[GenerationResult | Canceled]:
         started = time.perf_counter()
         # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it.
         _check_batch(requests)
         samples = [
-            _Sample(index, request, image)
+            Sample(index, request, image)
             for index, request in enumerate(requests)
             for image in request.control_images
         ]
         chunks = [samples[first : first + self.max_batch] for first in range(0, len(samples), self.max_batch)]
-        progress = _BatchProgress(requests, on_steps, chunks)
+        progress = BatchProgress(requests, on_events, chunks)
         progress.start()
 
         # 2. Choose the sampler, shared by both passes.
@@ -196,7 +166,7 @@ class PipelineService:
             for index in range(len(requests))
         ]
 
-    def _generate(self, samples: list[_Sample], progress: _BatchProgress) -> list[Image.Image]:
+    def _generate(self, samples: list[Sample], progress: BatchProgress) -> list[Image.Image]:
         width, height = samples[0].request.size
         steps = samples[0].request.steps
         with self._per_sample.applied([sample.request for sample in samples], [0] * len(samples), steps):
@@ -207,7 +177,7 @@ class PipelineService:
                 **_shared_arguments(samples, progress),
             ).images
 
-    def _refine(self, samples: list[_Sample], images: list[Image.Image], progress) -> list[Image.Image]:
+    def _refine(self, samples: list[Sample], images: list[Image.Image], progress) -> list[Image.Image]:
         steps = samples[0].request.steps
         starts = [start_step(steps, sample.request.refine_strength) for sample in samples]
         first = min(starts)
@@ -227,18 +197,9 @@ class PipelineService:
             refine.scheduler = shared_scheduler
 
 
-@dataclass(frozen=True)
-class _Sample:
-    """One picture to make: a still image, or one frame of a GIF; `index` is its request's place."""
-
-    index: int
-    request: GenerationRequest
-    control_image: Image.Image
-
-
-def _shared_arguments(samples: list[_Sample], progress: _BatchProgress, waits: list[int] | None = None) -> dict:
+def _shared_arguments(samples: list[Sample], progress: BatchProgress, waits: list[int] | None = None) -> dict:
     """What both passes take alike. Guidance and ControlNet weighting are set per sample by
-    `_PerSampleControls`, so the pipeline gets neutral values here. `waits[i]`: the steps of the run
+    `PerSampleControls`, so the pipeline gets neutral values here. `waits[i]`: the steps of the run
     before sample `i` starts (refine strengths below the highest)."""
     return {
         "prompt": [sample.request.prompt for sample in samples],
@@ -253,122 +214,6 @@ def _shared_arguments(samples: list[_Sample], progress: _BatchProgress, waits: l
         "generator": [torch.Generator("cpu").manual_seed(sample.request.seed) for sample in samples],
         "callback_on_step_end": progress.callback_for(samples, waits or [0] * len(samples)),
     }
-
-
-class _PerSampleControls:
-    """diffusers' pipelines take one guidance scale and one ControlNet weight and window for a whole
-    batch; forward hooks on the (shared) UNet and ControlNet give every sample its own, as tensors.
-    Sample `i` runs schedule steps `starts[i]` to `steps`; its ControlNet window is a share of those."""
-
-    def __init__(self, pipelines: Pipelines) -> None:
-        self._requests: list[GenerationRequest] | None = None
-        self._starts: list[int] = []
-        self._steps = self._step = 0
-        pipelines.generate.controlnet.register_forward_hook(self._weigh_controlnet)
-        pipelines.generate.unet.register_forward_hook(self._guide)
-
-    @contextmanager
-    def applied(self, requests: list[GenerationRequest], starts: list[int], steps: int):
-        self._requests, self._starts, self._steps = requests, starts, steps
-        self._step = min(starts)
-        try:
-            yield
-        finally:
-            self._requests = None
-
-    def _weigh_controlnet(self, module, args, output):
-        if self._requests is None:
-            return output
-        step = self._step
-        self._step += 1
-        weights = [
-            _controlnet_weight(request, step - start, self._steps - start)
-            for request, start in zip(self._requests, self._starts, strict=True)
-        ]
-        down, mid = output
-        # The batch is [unconditional..., conditional...]: both halves get a sample's weight.
-        scale = torch.tensor(weights * 2, dtype=mid.dtype, device=mid.device).view(-1, 1, 1, 1)
-        return [residual * scale for residual in down], mid * scale
-
-    def _guide(self, module, args, output):
-        if self._requests is None:
-            return output
-        noise = output[0]
-        unconditional, conditional = noise.chunk(2)
-        # The pipeline then computes u + PIPELINE_GUIDANCE * (c' - u), which is u + g * (c - u).
-        ratio = torch.tensor(
-            [r.guidance_scale / PIPELINE_GUIDANCE for r in self._requests], dtype=noise.dtype, device=noise.device
-        ).view(-1, 1, 1, 1)
-        guided = unconditional + ratio * (conditional - unconditional)
-        return (torch.cat([unconditional, guided]), *output[1:])
-
-
-def _controlnet_weight(request: GenerationRequest, step: int, steps: int) -> float:
-    """diffusers' ControlNet window: on for the steps inside [control_start, control_end] of the run."""
-    if step < 0 or step / steps < request.control_start or (step + 1) / steps > request.control_end:
-        return 0.0
-    return request.sensitivity
-
-
-class _BatchProgress:
-    """Per-request step counts, previews and cancellations across the runs and passes of a batch."""
-
-    def __init__(
-        self, requests: list[GenerationRequest], on_steps: list[ProgressCallback | None], chunks: list[list[_Sample]]
-    ) -> None:
-        self.requests, self.on_steps = requests, on_steps
-        self.done = [0] * len(requests)
-        self.total = [0] * len(requests)
-        for chunk in chunks:
-            for index in {sample.index for sample in chunk}:
-                self.total[index] += requests[index].steps + requests[index].refine_steps
-        self.previews: list[list[Image.Image]] = [[] for _ in requests]
-        self.canceled: dict[int, GenerationCanceled] = {}
-
-    def start(self) -> None:
-        for index in range(len(self.requests)):
-            self._notify(index, None)
-
-    def wanted(self, sample: _Sample) -> bool:
-        """False once the sample's request was canceled."""
-        return sample.index not in self.canceled
-
-    def callback_for(self, samples: list[_Sample], waits: list[int]):
-        """The pipeline's step callback for a run of `samples`; sample `i` starts after `waits[i]` steps."""
-        first_position = {}
-        for position, sample in enumerate(samples):
-            first_position.setdefault(sample.index, position)
-
-        def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            for index, position in first_position.items():
-                if index in self.canceled or step < waits[position]:
-                    continue
-                self.done[index] += 1
-                latents = callback_kwargs["latents"][position : position + 1]
-                if self.requests[index].progress_gif:
-                    self.previews[index].append(decode_latents(pipe, latents)[0])
-                self._notify(index, lambda latents=latents: decode_latents(pipe, latents)[0])
-            if all(index in self.canceled for index in first_position):
-                raise GenerationCanceled("Canceled while running.")
-            return callback_kwargs
-
-        return callback
-
-    def _notify(self, index: int, preview) -> None:
-        on_step = self.on_steps[index]
-        if on_step is None or index in self.canceled:
-            return
-        try:
-            on_step(self.done[index], self.total[index], preview)
-        except GenerationCanceled as canceled:
-            self.canceled[index] = canceled
-
-
-@torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """What the latents look like now, through the pipeline's own VAE."""
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 def _check_batch(requests: list[GenerationRequest]) -> None:
@@ -387,31 +232,6 @@ def _check_batch(requests: list[GenerationRequest]) -> None:
     width, height = first.size
     if width % 8 or height % 8:
         raise ValueError(f"size {width}x{height} is not a multiple of 8")
-
-
-def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
-    """The recipe in the `parameters` text format AUTOMATIC1111 writes, so its tools can read it."""
-    width, height = request.size
-    settings = {
-        "Steps": request.steps,
-        "Sampler": SCHEDULERS[request.scheduler][1],
-        "CFG scale": request.guidance_scale,
-        "Seed": request.seed,
-        "Size": f"{width}x{height}",
-        "Model": model_name,
-        "Denoising strength": request.refine_strength,
-        "ControlNet": "canny",
-        "Control weight": request.sensitivity,
-        "Guidance start": request.control_start,
-        "Guidance end": request.control_end,
-    }
-    return "\n".join(
-        [
-            request.prompt,
-            f"Negative prompt: {request.negative_prompt}",
-            ", ".join(f"{key}: {value}" for key, value in settings.items()),
-        ]
-    )
 
 
 def _sizes(sizes: tuple[tuple[int, int], ...]) -> list[str]:

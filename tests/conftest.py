@@ -17,10 +17,11 @@ import requests
 from flask.testing import FlaskClient
 
 from app import create_app
+from service.local import LocalGenerationService, model_config
 from service.settings import REPO_ROOT, Settings
 from service.worker import GenerationWorker
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.pipeline_service import Generator
 from tests.doubles import Gated
 
 API_KEY = "test-key-0123456789abcdef"
@@ -53,12 +54,12 @@ def tiny_settings(folder: Path, **overrides: str) -> Settings:
 
 
 @contextmanager
-def serving(settings: Settings, service: PipelineService, **worker_options) -> Iterator[FlaskClient]:
+def serving(settings: Settings, service: Generator, **worker_options) -> Iterator[FlaskClient]:
     """A test client of an app whose worker runs `service`. On the way out a Gated service's gate is
     opened, so that the worker can finish its queue and stop."""
     worker = GenerationWorker(lambda: service, settings.queue_size, **worker_options)
     try:
-        yield create_app(settings, worker).test_client()
+        yield create_app(settings, LocalGenerationService(settings, worker)).test_client()
     finally:
         if isinstance(service, Gated):
             service.open()
@@ -92,13 +93,13 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def pipeline_service(tmp_path_factory) -> PipelineService:
+def pipeline_service(tmp_path_factory) -> Generator:
     folder = tmp_path_factory.mktemp("session")
-    return PipelineService(load_pipelines(tiny_settings(folder)))
+    return Generator(load_pipelines(model_config(tiny_settings(folder))))
 
 
 @pytest.fixture
-def worker(pipeline_service: PipelineService, settings: Settings):
+def worker(pipeline_service: Generator, settings: Settings):
     worker = GenerationWorker(lambda: pipeline_service, settings.queue_size)
     yield worker
     worker.close(timeout=60)
@@ -106,7 +107,7 @@ def worker(pipeline_service: PipelineService, settings: Settings):
 
 @pytest.fixture
 def app(settings: Settings, worker: GenerationWorker):
-    return create_app(settings, worker)
+    return create_app(settings, LocalGenerationService(settings, worker))
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from service.local import model_config
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.pipeline_service import Generator
 from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.images import png_bytes
 from tests.test_batching import assert_same_picture
@@ -35,7 +36,7 @@ def test_every_attention_layer_uses_pytorchs_fused_attention(pipeline_service):
 def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture(tmp_path, pipeline_service):
     assert pipeline_service.describe()["channels_last"] is False
     settings = tiny_settings(tmp_path, CHANNELS_LAST="on")
-    channels_last = PipelineService(load_pipelines(settings))
+    channels_last = Generator(load_pipelines(model_config(settings)))
     assert channels_last.describe()["channels_last"] is True
     weight = channels_last.pipelines.generate.unet.conv_in.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

@@ -10,8 +10,9 @@ import pytest
 
 from service.worker import GenerationWorker
 from stable_diffusion.errors import GenerationCanceled
-from stable_diffusion.pipeline_service import PipelineService
-from tests.doubles import Gated
+from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.recipe import Canceled
+from tests.doubles import Gated, recording, steps_of
 from tests.figures import record
 from tests.test_models import edge_request
 
@@ -75,16 +76,17 @@ def test_a_canceled_request_drops_out_and_only_it(pipeline_service, alone, neigh
     drop = edge_request(request_id="drop", seed=6, refine_strength=refine)
     seen = []
 
-    def cancel(done, total, preview):
+    def cancel(event):
+        done, _ = steps_of(event)
         seen.append(done)
         if done == CANCEL_AT[when]:
             raise GenerationCanceled("Canceled while running.")
 
     progress = []
-    batch = [("keep", keep, lambda done, total, preview: progress.append((done, total))), ("drop", drop, cancel)]
+    batch = [("keep", keep, recording(progress)), ("drop", drop, cancel)]
     names, requests, on_steps = zip(*(batch[::-1] if canceled_first else batch), strict=True)
     outcomes = dict(zip(names, pipeline_service.run_batch(list(requests), list(on_steps)), strict=True))
-    assert isinstance(outcomes["drop"], GenerationCanceled)
+    assert isinstance(outcomes["drop"], Canceled)
     assert seen[-1] == CANCEL_AT[when], "the canceled request was told of steps after it canceled"
     # The neighbour finishes as if it had run alone, whatever its companion did.
     assert len(outcomes["keep"].images) == 1
@@ -111,7 +113,7 @@ def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_
     )
     try:
         batched = pipeline_service.run_batch(
-            requests, [lambda done, total, preview, seen=seen: seen.append((done, total)) for seen in progress]
+            requests, [recording(seen) for seen in progress]
         )
     finally:
         hook.remove()
@@ -127,17 +129,17 @@ def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_
 class CountingBatches(Gated):
     """Records the request ids of every batch; runs start at once unless `gated` (then at `open()`)."""
 
-    def __init__(self, service: PipelineService, gated: bool = False) -> None:
+    def __init__(self, service: Generator, gated: bool = False) -> None:
         super().__init__(service)
         self.batches: list[list[str]] = []
         self.started_at: list[float] = []
         if not gated:
             self.open()
 
-    def run_batch(self, requests, on_steps):
+    def run_batch(self, requests, on_events):
         self.batches.append([request.request_id for request in requests])
         self.started_at.append(time.monotonic())
-        return super().run_batch(requests, on_steps)
+        return super().run_batch(requests, on_events)
 
 
 def run_through_worker(pipeline_service, requests, **options) -> list[list[str]]:

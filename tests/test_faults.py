@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from app import create_app
+from service.local import LocalGenerationService
 from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.figures import record
 from tests.images import png_bytes
@@ -56,7 +57,7 @@ def images_generated(client) -> float:
 def test_a_full_disk_is_507_json_with_no_partial_file_and_then_recovers(worker, tmp_path, full_disk):
     folder, filler = full_disk
     settings = tiny_settings(tmp_path, OUTPUT_DIR=str(folder))
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     assert_error(post_generate(client, png_bytes()), 507, "disk is full", "Retry later")
     job = wait_for(client, submit(client).get_json()["id"], "failed")
     assert "disk is full" in job["error"]
@@ -74,7 +75,7 @@ def jobs_by_status(client) -> dict[str, int]:
 def test_a_full_input_disk_is_507_before_any_generation_and_leaves_no_job(worker, tmp_path, full_disk):
     folder, filler = full_disk
     settings = tiny_settings(tmp_path, INPUT_DIR=str(folder))
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     assert_error(post_generate(client, png_bytes()), 507, "disk is full", folder.name)
     assert_error(submit(client), 507, "disk is full", "Retry later")
     assert files_in(folder) == ["filler"]
@@ -92,7 +93,7 @@ def test_a_full_disk_under_the_jobs_database_is_507_and_recovers(worker, tmp_pat
     folder, filler = full_disk
     filler.unlink()
     settings = tiny_settings(tmp_path, JOBS_DB=str(folder / "jobs.sqlite3"))
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     try:
         fill(folder)
         assert_error(submit(client), 507, "disk is full", "JOBS_DB")

@@ -15,8 +15,9 @@ from werkzeug.datastructures import MultiDict
 
 from app import create_app
 from service.fields import generate_fields_model
+from service.local import LocalGenerationService
 from service.settings import REPO_ROOT
-from stable_diffusion.pipeline_service import PipelineService
+from stable_diffusion.pipeline_service import Generator
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
@@ -233,23 +234,23 @@ def test_gif_over_the_frame_limit_is_400(client, settings):
 
 def test_upload_over_the_size_limit_is_413(tmp_path, worker):
     small = tiny_settings(tmp_path, MAX_UPLOAD_MB="0.01")
-    client = create_app(small, worker).test_client()
+    client = create_app(small, LocalGenerationService(small, worker)).test_client()
     assert_error(post_generate(client, png_bytes() + b"\0" * 20_000), 413, "0.01 MB", "MAX_UPLOAD_MB")
     assert_error(post_generate(client, b"\0" * 400_000), 413, "0.01 MB", "MAX_UPLOAD_MB")
 
 
-class FailingOnce(PipelineService):
+class FailingOnce(Generator):
     """The GPU edge, faulted: the first run raises `error`, later runs generate normally."""
 
-    def __init__(self, service: PipelineService, error: Exception) -> None:
+    def __init__(self, service: Generator, error: Exception) -> None:
         self.__dict__.update(service.__dict__)
         self.error = error
 
-    def run_batch(self, requests, on_steps):
+    def _run_batch(self, requests, on_events):
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        return super().run_batch(requests, on_steps)
+        return super()._run_batch(requests, on_events)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from app import create_app
+from service.local import LocalGenerationService
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, serving, tiny_settings
 from tests.doubles import Gated
 from tests.images import png_bytes
@@ -24,7 +25,7 @@ def preprocess(client, headers=KEY):
 
 def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not(worker, tmp_path):
     settings = tiny_settings(tmp_path, RATE_LIMIT_PER_MINUTE="3")
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     for _ in range(3):
         assert preprocess(client).status_code == 200
     refused = preprocess(client)
@@ -66,7 +67,7 @@ def test_answers_carry_the_ratelimit_headers_and_only_the_429_says_retry_after(t
 
 def test_rate_limit_zero_turns_it_off(worker, tmp_path):
     settings = tiny_settings(tmp_path, RATE_LIMIT_PER_MINUTE="0")
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     assert all(preprocess(client).status_code == 200 for _ in range(10))
 
 

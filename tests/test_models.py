@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from service.settings import Settings, SettingsError
+from service.local import model_config
+from service.settings import Settings
 from stable_diffusion.image_processing import fit_size, make_canny_edges
 from stable_diffusion.pipeline_initialization import (
     FULL_SIZE_MODEL_DIR,
@@ -19,8 +20,10 @@ from stable_diffusion.pipeline_initialization import (
     resolve_dtype,
     save_tiny_model,
 )
-from stable_diffusion.pipeline_service import GenerationRequest, PipelineService
+from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.recipe import GenerationRequest
 from tests.conftest import tiny_environment
+from tests.doubles import recording
 from tests.images import drawing
 
 
@@ -37,7 +40,7 @@ def test_tiny_model_saved_to_folders_loads_back_and_generates_the_same_pixels(tm
         env_file=None,
         environ=tiny_environment(tmp_path, SD_MODEL=str(sd_folder), CONTROLNET_MODEL=str(controlnet_folder)),
     )
-    loaded = PipelineService(load_pipelines(settings))
+    loaded = Generator(load_pipelines(model_config(settings)))
     assert loaded.model_name == f"{sd_folder} + {controlnet_folder}"
     built = pipeline_service.run(edge_request()).images[0]
     reloaded = loaded.run(edge_request()).images[0]
@@ -52,8 +55,7 @@ def test_refiner_shares_the_weights(pipeline_service):
 
 def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_service):
     progress = []
-    record = lambda done, total, preview: progress.append((done, total))  # noqa: E731
-    refined = pipeline_service.run(edge_request(refine_strength=0.5), record)
+    refined = pipeline_service.run(edge_request(refine_strength=0.5), recording(progress))
     assert progress[-1] == (6, 6)  # 4 generation steps + 2 refinement steps
     plain = pipeline_service.run(edge_request(refine_strength=0.0)).images[0]
     assert refined.images[0].tobytes() != plain.tobytes()
@@ -61,8 +63,8 @@ def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_serv
 
 def test_steps_reach_the_pipeline(pipeline_service):
     progress = []
-    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), lambda done, total, preview: progress.append(done))
-    assert progress == list(range(8))  # 0 when the run starts, then after each step
+    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), recording(progress))
+    assert [done for done, _ in progress] == list(range(8))  # 0 when the run starts, then after each step
 
 
 def test_the_edge_map_steers_the_picture(pipeline_service):
@@ -79,7 +81,7 @@ def test_missing_folder_says_what_was_tried_and_what_to_set(tmp_path):
                                                 CONTROLNET_MODEL=str(tmp_path / "nothing-either"))
     )
     with pytest.raises(ModelLoadError) as raised:
-        load_pipelines(settings)
+        load_pipelines(model_config(settings))
     message = str(raised.value)
     assert message.startswith("Could not load SD_MODEL=") and "SD_MODEL=tiny" in message
 
@@ -87,7 +89,7 @@ def test_missing_folder_says_what_was_tried_and_what_to_set(tmp_path):
 def test_a_mistyped_model_name_names_its_own_setting(tmp_path):
     settings = Settings.load(env_file=None, environ=tiny_environment(tmp_path, SD_MODEL="tiny2"))
     with pytest.raises(ModelLoadError) as raised:
-        load_pipelines(settings)
+        load_pipelines(model_config(settings))
     message = str(raised.value)
     assert message.startswith("Could not load SD_MODEL='tiny2'") and "tiny, sd15-random" in message
     assert "CONTROLNET_MODEL" not in message
@@ -101,7 +103,7 @@ def test_folder_that_is_not_diffusers_format_is_named(tmp_path):
         env_file=None, environ=tiny_environment(tmp_path, SD_MODEL=str(empty), CONTROLNET_MODEL=str(controlnet_folder))
     )
     with pytest.raises(ModelLoadError, match="SD_MODEL=.*exists but is not a diffusers-format folder"):
-        load_pipelines(settings)
+        load_pipelines(model_config(settings))
 
 
 def test_device_and_dtype_resolution_on_a_cpu_machine():
@@ -111,9 +113,9 @@ def test_device_and_dtype_resolution_on_a_cpu_machine():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(SettingsError, match="DEVICE=cuda"):
+    with pytest.raises(ModelLoadError, match="DEVICE=cuda"):
         resolve_device("cuda")
-    with pytest.raises(SettingsError, match="DTYPE=float16"):
+    with pytest.raises(ModelLoadError, match="DTYPE=float16"):
         resolve_dtype("float16", torch.device("cpu"))
 
 

@@ -10,6 +10,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 from app import create_app
+from service.local import LocalGenerationService
 from service.settings import Settings
 from service.worker import GenerationWorker
 from tests.conftest import API_KEY, tiny_environment
@@ -23,7 +24,7 @@ KEY = {"x-api-key": API_KEY}
 def test_ready_is_503_while_the_model_loads_and_200_after(pipeline_service, settings):
     loaded = threading.Event()
     worker = GenerationWorker(lambda: loaded.wait(30) and pipeline_service, settings.queue_size)
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     try:
         loading = client.get("/ready", headers=KEY)
         assert loading.status_code == 503
@@ -51,7 +52,7 @@ def test_a_model_that_fails_to_load_makes_ready_503_and_generation_503(settings)
         raise OSError("no weights here")
 
     worker = GenerationWorker(fail, settings.queue_size)
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     assert not worker.wait_until_loaded(30)
     assert_error(client.get("/ready", headers=KEY), 503, "failed to load")
     assert_error(post_generate(client, png_bytes()), 503, "failed")
@@ -82,7 +83,8 @@ def test_metrics_count_requests_generations_images_and_jobs(client):
 @pytest.fixture
 def cors_client(worker, tmp_path):
     environment = tiny_environment(tmp_path, CORS_ORIGINS="https://tools.example, https://forms.example")
-    return create_app(Settings.load(env_file=None, environ=environment), worker).test_client()
+    settings = Settings.load(env_file=None, environ=environment)
+    return create_app(settings, LocalGenerationService(settings, worker)).test_client()
 
 
 def test_cors_preflight_allows_listed_origins_and_the_api_key_header(cors_client):

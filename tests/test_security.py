@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from app import create_app
+from service.local import LocalGenerationService
 from service.settings import REPO_ROOT, SettingsError
 from tests.conftest import API_KEY, SECOND_KEY, tiny_settings
 from tests.figures import record
@@ -106,7 +107,7 @@ def test_a_key_stored_as_its_sha256_is_accepted_and_the_hash_itself_is_not(worke
     entry = re.search(r"others\): (sha256:[0-9a-f]{64})", completed.stdout).group(1)
     assert key not in entry
     settings = tiny_settings(tmp_path, API_KEY=f"{entry},plain-key-123")
-    client = create_app(settings, worker).test_client()
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     assert client.get("/ready", headers={"x-api-key": key}).status_code == 200
     assert client.get("/ready", headers={"x-api-key": "plain-key-123"}).status_code == 200
     assert_error(client.get("/ready", headers={"x-api-key": entry}), 401, "Invalid API key")
@@ -180,7 +181,8 @@ def test_answers_carry_the_security_and_cache_headers(live_server):
 
 
 def test_no_hsts_over_plain_http(worker, tmp_path):
-    client = create_app(tiny_settings(tmp_path, TLS="false"), worker).test_client()
+    settings = tiny_settings(tmp_path, TLS="false")
+    client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     answer = client.get("/health")
     assert "Strict-Transport-Security" not in answer.headers and "Content-Security-Policy" in answer.headers
 

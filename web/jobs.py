@@ -8,9 +8,8 @@ import uuid
 
 from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
 
-from service.generation import build_request
 from service.jobs import Job, JobEvent, JobManager, describe
-from stable_diffusion.image_processing import decode_upload
+from web.access import rate_limited
 from web.forms import read_image_form
 
 jobs = Blueprint("jobs", __name__)
@@ -30,18 +29,13 @@ def _shown(job: Job) -> dict[str, object]:
 
 
 @jobs.post("/jobs")
+@rate_limited
 def submit():
-    settings = current_app.extensions["settings"]
-    # Refused before the costly decoding when the key or the queue has no room.
-    current_app.extensions["worker"].check_room(g.owner)
-    fields, data = read_image_form(current_app.extensions["generate_fields"], settings)
-    with current_app.extensions["decode_slots"].hold():
-        upload = decode_upload(data, current_app.extensions["decode_limits"])
-        generation = build_request(uuid.uuid4().hex, fields, upload)
-        upload = upload.without_frames()
-    g.log_fields.update(job=generation.request_id, image="{}x{}".format(*generation.size))
-    job = _manager().submit(g.owner, generation, upload, data)
-    shown = _shown(job)
+    # Refused before the costly reading and decoding when the key or the queue has no room.
+    current_app.extensions["service"].admit(g.owner)
+    fields, upload = read_image_form(current_app.extensions["generate_fields"], current_app.extensions["settings"])
+    g.log_fields["job"] = job_id = uuid.uuid4().hex
+    shown = _shown(_manager().submit(g.owner, job_id, fields, upload))
     return jsonify(shown), 202, {"Location": shown["status_url"]}
 
 

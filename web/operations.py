@@ -1,4 +1,4 @@
-"""Endpoints for operators: liveness, readiness and Prometheus metrics."""
+"""Endpoints for operators and clients: liveness, readiness, what the server runs (/info), Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from service.interface import ServiceState
 from service.jobs import JobStore
 from web.access import public
 
@@ -21,21 +22,35 @@ def health():
 
 @operations.get("/ready")
 def ready():
-    worker = current_app.extensions["worker"]
-    body = {"status": worker.state, "queue_depth": worker.queue_depth, "queue_size": worker.queue_size}
-    if worker.state != "ready":
-        response = jsonify(body | {"error": _not_ready_message(worker.state)})
+    service = current_app.extensions["service"]
+    body = {"status": service.state, "queue_depth": service.queue_depth, "queue_size": service.queue_size}
+    if service.state != ServiceState.READY:
+        response = jsonify(body | {"error": service.state.not_ready_message})
         response.headers["Retry-After"] = "5"
         return response, 503
     return jsonify(body)
 
 
-def _not_ready_message(state: str) -> str:
-    return {
-        "loading": "The model is still loading; retry in a few seconds.",
-        "warming_up": "The model is warming up (and compiling, with TORCH_COMPILE set); retry in a few seconds.",
-        "failed": "The model failed to load; the server log says why.",
-    }.get(state, "The generation worker has stopped; the server is shutting down.")
+@operations.get("/info")
+def info():
+    settings = current_app.extensions["settings"]
+    return jsonify(
+        current_app.extensions["service"].describe()
+        | {
+            "fields": {
+                "generate": current_app.extensions["generate_fields"].model_json_schema()["properties"],
+                "preprocess": current_app.extensions["edge_fields"].model_json_schema()["properties"],
+            },
+            "limits": {
+                "max_upload_mb": settings.max_upload_mb,
+                "max_image_pixels": settings.max_image_pixels,
+                "max_gif_frames": settings.max_gif_frames,
+                "max_prompt_chars": settings.max_prompt_chars,
+                "queue_size": settings.queue_size,
+                "generation_timeout_s": settings.generation_timeout_s,
+            },
+        }
+    )
 
 
 @operations.get("/metrics")
@@ -49,14 +64,14 @@ class Metrics:
     """The app's Prometheus metrics, in a registry of its own so that every app counts for itself."""
 
     def __init__(self, app: Flask, jobs: JobStore) -> None:
-        worker = app.extensions["worker"]
+        service = app.extensions["service"]
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"],
             registry=self.registry,
         )
         Gauge("queue_depth", "Generation requests waiting for the worker", registry=self.registry).set_function(
-            lambda: worker.queue_depth
+            lambda: service.queue_depth
         )
         self.generation_seconds = Histogram(
             "generation_seconds", "Time the pipeline took per request",
@@ -64,7 +79,7 @@ class Metrics:
         )
         self.images = Counter("images_generated", "Images (GIF frames included) generated", registry=self.registry)
         self.registry.register(_JobsCollector(jobs))
-        worker.observe(self._generated)
+        service.observe(self._generated)
 
         @app.after_request
         def count_request(response):

@@ -1,4 +1,5 @@
-"""From a validated request to the pipeline's input, and from the pipeline's output to the file returned."""
+"""From validated fields and a decoded upload to the generator's request, and from its result to the file
+returned: a PNG carrying its recipe (also in AUTOMATIC1111's text form) or a GIF."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from service.fields import MAX_SEED
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.gif_creator import encode_gif, make_progress_gif
 from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
-from stable_diffusion.pipeline_service import GenerationRequest, GenerationResult, a1111_parameters
+from stable_diffusion.recipe import SAMPLERS, GenerationRequest, GenerationResult
 
 
 @dataclass(frozen=True)
-class RenderedOutput:
+class RenderedFile:
     data: bytes
     mimetype: str
     extension: str
@@ -49,13 +50,38 @@ def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> G
 
 def render_output(
     request: GenerationRequest, result: GenerationResult, upload: DecodedImage, model_name: str
-) -> RenderedOutput:
+) -> RenderedFile:
     """A PNG carrying its recipe; a GIF for an animated upload (with its timing) or a progress GIF."""
     if request.progress_gif:
-        return RenderedOutput(make_progress_gif(result.step_previews, result.images[0]), "image/gif", "gif")
+        return RenderedFile(make_progress_gif(result.step_previews, result.images[0]), "image/gif", "gif")
     if upload.is_animated:
-        return RenderedOutput(encode_gif(result.images, upload.durations_ms, upload.loop), "image/gif", "gif")
+        return RenderedFile(encode_gif(result.images, upload.durations_ms, upload.loop), "image/gif", "gif")
     width, height = request.size
     recipe = request.recipe | {"width": width, "height": height, "model": model_name}
     png = encode_png(result.images[0], a1111_parameters(request, model_name), recipe)
-    return RenderedOutput(png, "image/png", "png")
+    return RenderedFile(png, "image/png", "png")
+
+
+def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
+    """The recipe in the `parameters` text format AUTOMATIC1111 writes, so its tools can read it."""
+    width, height = request.size
+    settings = {
+        "Steps": request.steps,
+        "Sampler": SAMPLERS[request.scheduler],
+        "CFG scale": request.guidance_scale,
+        "Seed": request.seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name,
+        "Denoising strength": request.refine_strength,
+        "ControlNet": "canny",
+        "Control weight": request.sensitivity,
+        "Guidance start": request.control_start,
+        "Guidance end": request.control_end,
+    }
+    return "\n".join(
+        [
+            request.prompt,
+            f"Negative prompt: {request.negative_prompt}",
+            ", ".join(f"{key}: {value}" for key, value in settings.items()),
+        ]
+    )

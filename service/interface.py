@@ -1,0 +1,140 @@
+"""The seam between the HTTP layer and whatever generates: `GenerationService`, its states, and what it
+hands back. web/ talks to this interface only; `LocalGenerationService` (local.py) runs the model in
+this process, and a distributed backend plugs in here next."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from stable_diffusion.errors import GenerationTimeout
+from stable_diffusion.recipe import EventHandler, GenerationRequest, GenerationResult
+
+
+class ServiceState(enum.StrEnum):
+    """loading -> warming_up -> ready -> stopped, or -> failed when the model cannot load or warm up."""
+
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def takes_work(self) -> bool:
+        """Requests are queued while the model loads and warms up, and refused once it failed or stopped."""
+        return self not in (ServiceState.FAILED, ServiceState.STOPPED)
+
+    @property
+    def not_ready_message(self) -> str:
+        """What a caller is told while the service cannot generate (the one wording, used everywhere)."""
+        return _NOT_READY[self]
+
+
+_NOT_READY = {
+    ServiceState.LOADING: "The model is still loading; retry in a few seconds.",
+    ServiceState.WARMING_UP: "The model is warming up (and compiling, with TORCH_COMPILE set); retry in a few seconds.",
+    ServiceState.READY: "The model is ready.",
+    ServiceState.FAILED: "The model failed to load; the server log says why.",
+    ServiceState.STOPPED: "The generation worker has stopped; the server is shutting down.",
+}
+
+
+@dataclass(frozen=True)
+class RenderedOutput:
+    """A finished generation as the caller gets it: the file's bytes, saved as `file_name` in OUTPUT_DIR."""
+
+    data: bytes
+    mimetype: str
+    file_name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request the service took: what is known at once (its seed, output size and the saved upload)
+    and the future of its output."""
+
+    request_id: str
+    seed: int
+    size: tuple[int, int]
+    input_file: str
+    future: Future[RenderedOutput]
+
+    def wait(self, timeout_s: float) -> RenderedOutput:
+        """The output, or GenerationTimeout after `timeout_s`; the request is then canceled if it has not
+        started (a started one runs to its end)."""
+        try:
+            return self.future.result(timeout=timeout_s)
+        except FutureTimeout:
+            self.future.cancel()
+            raise GenerationTimeout(
+                f"Generation did not finish within {timeout_s:g} s (GENERATION_TIMEOUT_S); retry later or with "
+                "fewer steps."
+            ) from None
+
+
+# Called on the generating thread after every successful generation; metrics listen here.
+ResultObserver = Callable[[GenerationRequest, GenerationResult], None]
+
+
+class GenerationService(ABC):
+    """Takes validated fields and an upload, and generates: decode -> edge maps -> queue -> generate ->
+    render -> save, in this order, behind one call. Errors are ServiceErrors carrying their status."""
+
+    @property
+    @abstractmethod
+    def state(self) -> ServiceState: ...
+
+    @property
+    @abstractmethod
+    def queue_depth(self) -> int:
+        """Requests waiting to run."""
+
+    @property
+    @abstractmethod
+    def queue_size(self) -> int:
+        """The most that may wait; beyond it, QueueFull."""
+
+    @abstractmethod
+    def admit(self, owner: str) -> None:
+        """Raise now what `submit` would for `owner` (QueueFull, TooManyRequests, ModelNotReady), so that
+        a request is refused before the costly part: reading and decoding its upload."""
+
+    @abstractmethod
+    def counted(self, owner: str) -> AbstractContextManager[None]:
+        """Count work done outside the queue (an edge map) against `owner`'s share of requests in flight."""
+
+    @abstractmethod
+    def submit(
+        self, fields: BaseModel, upload: bytes, owner: str, request_id: str, on_event: EventHandler | None = None
+    ) -> Submission:
+        """Decode `upload`, save it in INPUT_DIR, queue the generation (the upload is saved first: a full
+        disk costs no generation). `on_event` hears the run's Started and Stepped events and may raise
+        GenerationCanceled to stop it. Raises the ServiceError that refuses the request."""
+
+    @abstractmethod
+    def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
+        """The PNG of the Canny edge map that `submit` would generate from."""
+
+    @abstractmethod
+    def position(self, submission: Submission) -> int | None:
+        """How many requests wait ahead of it (0: next), or None once it left the queue."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, object]:
+        """What generates (model, device, dtype, samplers, speed settings); ModelNotReady until it is loaded."""
+
+    @abstractmethod
+    def observe(self, observer: ResultObserver) -> None: ...
+
+    @abstractmethod
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued work (outputs saved), then stop."""

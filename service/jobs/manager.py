@@ -1,0 +1,270 @@
+"""Asynchronous jobs on top of the generation service: submitted like /generate, recorded in the job
+store as they go, watched live (status, progress, previews), canceled, and removed after retention."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image
+from pydantic import BaseModel
+
+from service.fields import MAX_SEED
+from service.interface import GenerationService, Submission
+from service.jobs.store import Job, JobStore
+from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
+from stable_diffusion.recipe import GenerationEvent, Started
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "The server stopped before this job finished; submit it again."
+CANCELED_QUEUED = "Canceled before it started."
+# Watchers get a preview picture at most this often, this many pixels on its longer side.
+PREVIEW_INTERVAL_S = 1.0
+PREVIEW_SIZE = 256
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One thing a watcher is told: `kind` is status, progress or preview."""
+
+    kind: str
+    job: Job
+    preview_png: bytes | None = None
+
+
+@dataclass
+class _Running:
+    """What only this process knows about an unfinished job."""
+
+    submission: Submission | None = None
+    cancel_requested: bool = False
+    preview_png: bytes | None = None
+    preview_at: float = 0.0
+
+
+class JobManager:
+    """Submits jobs to the generation service, records their life in the store, and lets callers watch them."""
+
+    def __init__(
+        self, store: JobStore, service: GenerationService, input_dir: Path, output_dir: Path, retention_s: float
+    ) -> None:
+        self.store, self.service = store, service
+        self.input_dir, self.output_dir, self.retention_s = input_dir, output_dir, retention_s
+        self._running: dict[str, _Running] = {}
+        self._changed = threading.Condition()
+        self._version = 0
+        self._closed = threading.Event()
+        interrupted = store.fail_unfinished(INTERRUPTED)
+        if interrupted:
+            log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
+        self.remove_expired()
+        self._janitor = threading.Thread(target=self._remove_expired_periodically, name="job-janitor", daemon=True)
+        self._janitor.start()
+
+    def submit(self, owner: str, job_id: str, fields: BaseModel, upload: bytes) -> Job:
+        """Record the job, then submit it; refused (QueueFull, StorageFull, a bad upload...), it leaves no
+        record and no file. The seed is drawn here, so that the record shows it from the start."""
+        if fields.seed is None:
+            fields = fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        job = Job(id=job_id, owner=owner, status="queued", step=0, total=0, seed=fields.seed, created_at=time.time())
+        self.store.add(job)
+        running = self._running[job_id] = _Running()
+        try:
+            submission = self.service.submit(fields, upload, owner, job_id, partial(self._on_event, job_id))
+        except ServiceError:
+            self._running.pop(job_id, None)
+            self.store.delete(job_id)
+            raise
+        running.submission = submission
+        self.store.update(job_id, input_file=submission.input_file)
+        submission.future.add_done_callback(partial(self._finish, job_id))
+        return self.store.get(job_id)
+
+    def get(self, job_id: str, owner: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None or job.owner != owner:
+            # Another key's job answers exactly like a missing one.
+            raise NotFound(f"No job {job_id!r}: it never existed, was removed after the retention period, "
+                           "or belongs to another API key.")
+        return job
+
+    def queue_position(self, job_id: str) -> int | None:
+        running = self._running.get(job_id)
+        if running is None or running.submission is None:
+            return None
+        return self.service.position(running.submission)
+
+    def cancel(self, job_id: str, owner: str) -> Job:
+        """A queued job is canceled at once; a running one stops at its next step."""
+        job = self.get(job_id, owner)
+        if job.finished:
+            raise Conflict(f"Job {job_id} has already {job.status}; there is nothing to cancel.")
+        running = self._running.get(job_id)
+        if running is None or running.submission is None:
+            return job
+        running.cancel_requested = True
+        # A queued job's future cancels (and _finish records it); a running one stops at its next step.
+        running.submission.future.cancel()
+        return self.store.get(job_id)
+
+    def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
+        """The result file, open for reading, with its MIME type and extension. Opened here, so a file
+        removed under a job (by the retention janitor, or by hand) is a 410, not a failure to send it."""
+        job = self.get(job_id, owner)
+        if job.status != "succeeded":
+            raise Conflict(
+                f"Job {job_id} is {job.status}; its result exists only once it has succeeded"
+                + ("." if job.finished else ": watch GET /jobs/<id>/events or poll GET /jobs/<id>.")
+            )
+        path = self.output_dir / job.result_file
+        try:
+            return path.open("rb"), job.result_type, path.suffix
+        except FileNotFoundError:
+            raise Gone(
+                f"Job {job_id}'s result file is gone (results are kept for {self.retention_s:g} s, "
+                "JOB_RETENTION_S); submit the job again."
+            ) from None
+
+    def events(self, job_id: str, owner: str, heartbeat_s: float = 15.0) -> Iterator[JobEvent | None]:
+        """Status, progress and preview changes as they happen, ending with the finished status;
+        None after `heartbeat_s` without news, so a stream can keep its connection alive."""
+        # The version is taken before each read, so a change landing between a read and the next wait
+        # is never missed (a job finishing there would otherwise leave its stream open forever).
+        with self._changed:
+            seen = self._version
+        job = self.get(job_id, owner)
+        yield JobEvent("status", job)
+        sent_preview: bytes | None = None
+        while not job.finished:
+            with self._changed:
+                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s)
+                news, seen = self._version != seen, self._version
+            if self._closed.is_set():
+                return
+            if not news:
+                yield None
+                continue
+            latest = self.store.get(job_id)
+            if latest is None:
+                return
+            if latest.status != job.status:
+                yield JobEvent("status", latest)
+            elif latest.step != job.step:
+                yield JobEvent("progress", latest)
+            running = self._running.get(job_id)
+            if running is not None and running.preview_png is not sent_preview and running.preview_png:
+                sent_preview = running.preview_png
+                yield JobEvent("preview", latest, sent_preview)
+            job = latest
+
+    def _changed_since(self, seen: int) -> bool:
+        return self._version != seen or self._closed.is_set()
+
+    def remove_expired(self) -> int:
+        """Delete jobs that finished longer than the retention period ago, the record first: a job is never
+        listed without its files (a crash in between leaves only unlisted files)."""
+        expired = self.store.finished_before(time.time() - self.retention_s)
+        for job in expired:
+            self.store.delete(job.id)
+            for folder, name in ((self.input_dir, job.input_file), (self.output_dir, job.result_file)):
+                if name:
+                    (folder / name).unlink(missing_ok=True)
+        return len(expired)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._janitor.join(timeout=5)
+        self.store.close()
+
+    def _remove_expired_periodically(self) -> None:
+        interval = min(60.0, max(self.retention_s / 4, 0.5))
+        while not self._closed.wait(interval):
+            try:
+                self.remove_expired()
+            except Exception:
+                log.exception("removing expired jobs failed")
+
+    def _on_event(self, job_id: str, event: GenerationEvent) -> None:
+        """Runs on the GPU's thread: record progress, stop a canceled run."""
+        running = self._running.get(job_id)
+        if running is not None and running.cancel_requested:
+            raise GenerationCanceled("Canceled while running.")
+        if isinstance(event, Started):
+            self._record(job_id, status="running", step=0, total=event.total, started_at=time.time())
+            return
+        if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
+            running.preview_at = time.monotonic()
+            running.preview_png = _small_png(event.preview())
+        self._record(job_id, step=event.step, total=event.total)
+
+    def _finish(self, job_id: str, future) -> None:
+        """The job's future is done: record how it ended (the service saved its output already)."""
+        if future.cancelled():
+            changes = {"status": "canceled", "error": CANCELED_QUEUED}
+        elif isinstance(error := future.exception(), GenerationCanceled):
+            changes = {"status": "canceled", "error": error.message}
+        elif isinstance(error, ServiceError):
+            changes = {"status": "failed", "error": error.message}
+        elif error is not None:
+            changes = {"status": "failed", "error": f"Generation failed ({type(error).__name__})."}
+        else:
+            output = future.result()
+            job = self.store.get(job_id)
+            changes = {
+                "status": "succeeded", "result_file": output.file_name, "result_type": output.mimetype,
+                "step": job.total if job else 0,
+            }
+        self._running.pop(job_id, None)
+        self._record(job_id, finished_at=time.time(), **changes)
+
+    def _record(self, job_id: str, **changes: object) -> None:
+        self.store.update(job_id, **changes)
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+
+def _small_png(image: Image.Image) -> bytes:
+    preview = image.copy()
+    preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+    buffer = io.BytesIO()
+    preview.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def describe(job: Job, position: int | None) -> dict[str, object]:
+    """The job as callers see it (no owner, no file names). `queue_position` is always there, so a
+    client can read it without checking: null once the job left the queue (running or finished)."""
+    shown = {
+        "id": job.id,
+        "status": job.status,
+        "progress": {"step": job.step, "total": job.total},
+        "queue_position": position if job.status == "queued" else None,
+        "seed": job.seed,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+    if job.error:
+        shown["error"] = job.error
+    if job.result_type:
+        shown["result_type"] = job.result_type
+    return shown
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
+

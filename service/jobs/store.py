@@ -1,0 +1,120 @@
+"""Job records: one SQLite file, safe to call from any thread. Only records: running jobs is manager.py's."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from stable_diffusion.errors import StorageFull
+
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+FINISHED = frozenset({"succeeded", "failed", "canceled"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    error TEXT,
+    input_file TEXT,
+    result_file TEXT,
+    result_type TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    status: str
+    step: int
+    total: int
+    seed: int
+    error: str | None = None
+    input_file: str | None = None
+    result_file: str | None = None
+    result_type: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+class JobStore:
+    """The job records, one SQLite file; safe to call from any thread."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._columns = [field.name for field in fields(Job)]
+
+    def add(self, job: Job) -> None:
+        """StorageFull when the disk has no room for the record (the job is then not taken)."""
+        values = [getattr(job, name) for name in self._columns]
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT INTO jobs ({', '.join(self._columns)}) VALUES ({', '.join('?' * len(values))})", values
+                )
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise
+                raise StorageFull(
+                    "The server's disk is full, so the job could not be recorded (JOBS_DB); retry later."
+                ) from None
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(self._columns)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(*row) if row else None
+
+    def update(self, job_id: str, **changes: object) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def finished_before(self, moment: float) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(self._columns)} FROM jobs WHERE finished_at < ?", (moment,)
+            ).fetchall()
+        return [Job(*row) for row in rows]
+
+    def fail_unfinished(self, message: str) -> int:
+        """Jobs a previous process left queued or running can never finish: mark them failed."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('queued', 'running')",
+                (message, time.time()),
+            )
+        return cursor.rowcount
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: 0 for status in STATUSES} | dict(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
