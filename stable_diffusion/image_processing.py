@@ -170,6 +170,13 @@ def make_control_images(
     return [make_control_image(frame, longer_side, low_threshold, high_threshold) for frame in upload.frames]
 
 
+def thumbnail(image: Image.Image, longer_side: int) -> Image.Image:
+    """A copy at most `longer_side` pixels on its longer side, the aspect ratio kept."""
+    small = image.copy()
+    small.thumbnail((longer_side, longer_side))
+    return small
+
+
 def encode_png(image: Image.Image, parameters: str | None = None, recipe: dict | None = None) -> bytes:
     """PNG bytes, carrying the recipe (if given) as AUTOMATIC1111's `parameters` text chunk and as JSON."""
     info = PngImagePlugin.PngInfo()

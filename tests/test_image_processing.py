@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from service.uploads import DecodeSlots
 from stable_diffusion.errors import DecodersBusy, InvalidField, UnsupportedImage
-from stable_diffusion.image_processing import DecodeLimits, DecodeSlots, decode_upload, fit_size, make_canny_edges
+from stable_diffusion.image_processing import DecodeLimits, decode_upload, fit_size, make_canny_edges
 from tests.images import animated_gif_bytes, drawing, encode
 
 LIMITS = DecodeLimits(max_pixels=40_000_000, max_frames=48)

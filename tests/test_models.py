@@ -134,3 +134,10 @@ def test_the_full_size_random_model_has_sd15s_architecture():
         }
     millions = {name: round(sum(p.numel() for p in model.parameters()) / 1e6) for name, model in models.items()}
     assert millions == {"unet": 860, "controlnet": 361, "vae": 84, "text_encoder": 123}
+
+
+def test_every_sampler_a_request_may_name_has_a_scheduler():
+    from stable_diffusion.pipeline_service import SCHEDULERS
+    from stable_diffusion.recipe import SAMPLERS
+
+    assert SCHEDULERS.keys() == SAMPLERS.keys()

@@ -15,7 +15,7 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 def init_errors(app: Flask) -> None:
-    log = logging.getLogger("stable_diffusion.http")
+    log = logging.getLogger("web.errors")
 
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import request
 from pydantic import BaseModel
 
+from service.errors import InvalidField, PayloadTooLarge
 from service.fields import parse_fields
 from service.settings import Settings
-from stable_diffusion.errors import InvalidField, PayloadTooLarge
 
 
 def read_image_form(fields_model: type[BaseModel], settings: Settings) -> tuple[BaseModel, bytes]:

@@ -3,7 +3,6 @@ store as they go, watched live (status, progress, previews), canceled, and remov
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 import threading
@@ -14,13 +13,13 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image
 from pydantic import BaseModel
 
 from service.fields import MAX_SEED
 from service.interface import GenerationService, Submission
 from service.jobs.store import Job, JobStore
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
+from stable_diffusion.image_processing import encode_png, thumbnail
 from stable_diffusion.recipe import GenerationEvent, Started
 
 log = logging.getLogger(__name__)
@@ -205,7 +204,7 @@ class JobManager:
             return
         if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
             running.preview_at = time.monotonic()
-            running.preview_png = _small_png(event.preview())
+            running.preview_png = encode_png(thumbnail(event.preview(), PREVIEW_SIZE))
         self._record(job_id, step=event.step, total=event.total)
 
     def _finish(self, job_id: str, future) -> None:
@@ -233,14 +232,6 @@ class JobManager:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
-
-
-def _small_png(image: Image.Image) -> bytes:
-    preview = image.copy()
-    preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
-    buffer = io.BytesIO()
-    preview.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def describe(job: Job, position: int | None) -> dict[str, object]:
