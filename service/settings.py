@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from service.api_keys import entry_digest
 
@@ -28,12 +34,17 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message names it and says how to fix it."""
 
 
-class Settings(BaseModel):
+class Settings(BaseSettings):
     """Every setting of the service. Field aliases are the environment variable names."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    # Names match in their exact case. Defaults are not validated, as before: BaseSettings' validate_default
+    # would newly refuse DEFAULT_RESOLUTION=2048 with MAX_RESOLUTION left at its 1024.
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, case_sensitive=True, validate_default=False
+    )
 
-    api_keys: tuple[str, ...] = Field(alias="API_KEY", repr=False, min_length=1)
+    # NoDecode: lists are comma-separated, not JSON.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(alias="API_KEY", repr=False, min_length=1)
     # `::` listens on every IPv6 and IPv4 address (0.0.0.0 where the machine has no IPv6).
     server_ip: str = Field("::", alias="SERVER_IP")
     server_port: int = Field(5000, alias="SERVER_PORT", ge=0, le=65535)
@@ -43,7 +54,7 @@ class Settings(BaseModel):
     tls_key_file: Path = Field(REPO_ROOT / "ssl_cert" / "key.pem", alias="TLS_KEY_FILE")
     # Every open GET /jobs/<id>/events stream holds one of these threads.
     http_threads: int = Field(32, alias="HTTP_THREADS", ge=1, le=1024)
-    cors_origins: tuple[str, ...] = Field((), alias="CORS_ORIGINS")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), alias="CORS_ORIGINS")
     # From a request's first byte to the end of its headers (the TLS handshake included); a client
     # slower than that is disconnected, so that slow or idle clients cannot hold the HTTP threads.
     request_head_timeout_s: float = Field(10.0, alias="REQUEST_HEAD_TIMEOUT_S", gt=0, le=3600)
@@ -63,7 +74,7 @@ class Settings(BaseModel):
     max_resolution: int = Field(1024, alias="MAX_RESOLUTION", ge=64, le=4096, multiple_of=8)
     # Output sizes (WIDTHxHEIGHT) the warm-up compiles for, with TORCH_COMPILE on; none: DEFAULT_RESOLUTION
     # square. A size left out compiles on its first request.
-    warm_up_sizes: tuple[tuple[int, int], ...] = Field((), alias="WARM_UP_SIZES")
+    warm_up_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = Field((), alias="WARM_UP_SIZES")
     default_steps: int = Field(20, alias="DEFAULT_STEPS", ge=1, le=500)
     max_steps: int = Field(100, alias="MAX_STEPS", ge=1, le=500)
     refine_strength: float = Field(0.3, alias="REFINE_STRENGTH", ge=0.0, le=1.0)
@@ -96,6 +107,17 @@ class Settings(BaseModel):
     log_file: Path = Field(REPO_ROOT / "api.log", alias="LOG_FILE")
     log_max_bytes: int = Field(10_000_000, alias="LOG_MAX_BYTES", ge=1024)
     log_backups: int = Field(5, alias="LOG_BACKUPS", ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_key_is_set(cls, values: Any) -> Any:
+        # Before the fields, so that a missing key says how to set one; SettingsError passes through pydantic.
+        if isinstance(values, dict) and not values.get("API_KEY") and "api_keys" not in values:
+            raise SettingsError(
+                "API_KEY is not set: add API_KEY=<a long random string> to .env "
+                "(see .env.example) or export it in the environment."
+            )
+        return values
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -150,6 +172,19 @@ class Settings(BaseModel):
         return int(self.max_upload_mb * 1024 * 1024)
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No env_settings: it can only read os.environ, and a caller's `environ` must replace that, not mix
+        # with it; so load() hands the environment in as init kwargs, which outrank the .env file.
+        return init_settings, _EnvFileSource(settings_cls, env_file=dotenv_settings.env_file)
+
+    @classmethod
     def load(
         cls,
         env_file: Path | None = DEFAULT_ENV_FILE,
@@ -161,31 +196,27 @@ class Settings(BaseModel):
         environ = os.environ if environ is None else environ
         if env_file == DEFAULT_ENV_FILE and ENV_FILE_VARIABLE in environ:
             env_file = Path(environ[ENV_FILE_VARIABLE]) if environ[ENV_FILE_VARIABLE] else None
-        values: dict[str, object] = {}
-        if env_file is not None and env_file.is_file():
-            values.update(_read_env_file(env_file))
-        values.update(environ)
-        values.update(overrides)
-        if not values.get("API_KEY") and "api_keys" not in values:
-            raise SettingsError(
-                "API_KEY is not set: add API_KEY=<a long random string> to .env "
-                "(see .env.example) or export it in the environment."
-            )
+        # Only the settings' own names: the rest of the environment is not ours, and BaseSettings would take
+        # a variable named like one of its options (_env_file, _cli_parse_args) as that option.
+        names = {key for name, field in cls.model_fields.items() for key in (name, field.alias)}
+        values = {key: value for key, value in environ.items() if key in names} | overrides
         try:
-            return cls.model_validate(values)
+            return cls(_env_file=env_file, **values)
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
 
 
-def _read_env_file(env_file: Path) -> dict[str, str]:
-    values = {key: value for key, value in dotenv_values(env_file).items() if value is not None}
-    for old, new in RENAMED_SETTINGS.items():
-        if old in values:
-            raise SettingsError(
-                f"{env_file} sets {old}, which the server no longer reads: OpenSSL, curl and pip read that name "
-                f"as the trusted CA bundle. Rename it to {new}."
-            )
-    return values
+class _EnvFileSource(DotEnvSettingsSource):
+    """The .env file, refusing the certificate's old names there (in the environment, SSL_CERT_FILE is OpenSSL's)."""
+
+    def __call__(self) -> dict[str, Any]:
+        for old, new in RENAMED_SETTINGS.items():
+            if self.env_vars.get(old) is not None:
+                raise SettingsError(
+                    f"{self.env_file} sets {old}, which the server no longer reads: OpenSSL, curl and pip read "
+                    f"that name as the trusted CA bundle. Rename it to {new}."
+                )
+        return super().__call__()
 
 
 def _describe(exc: ValidationError) -> str:

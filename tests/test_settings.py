@@ -83,3 +83,35 @@ def test_sd_env_file_names_the_settings_file_and_empty_reads_none(tmp_path):
     # Holds whatever the repository's own .env says (CI's sets API_KEY, as the README has users do).
     with pytest.raises(SettingsError, match="API_KEY is not set"):
         Settings.load(environ={"SD_ENV_FILE": ""})
+
+
+def test_lists_in_the_env_file_are_comma_separated_not_json(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEY=a, b\nCORS_ORIGINS=https://a.example, https://b.example\nWARM_UP_SIZES=512x512,512x384\n")
+    settings = Settings.load(env_file=env_file, environ={})
+    assert settings.api_keys == ("a", "b")
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.warm_up_sizes == ((512, 512), (512, 384))
+
+
+def test_overrides_win_over_the_environment_and_the_env_file(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEY=k\nSERVER_PORT=6000\nSD_MODEL=tiny\n")
+    settings = Settings.load(env_file=env_file, environ={"SERVER_PORT": "7000", "SD_MODEL": "tiny2"}, SERVER_PORT=8000)
+    assert (settings.server_port, settings.sd_model) == (8000, "tiny2")
+
+
+def test_the_process_environment_is_read_unless_a_mapping_replaces_it(monkeypatch):
+    monkeypatch.setenv("SD_ENV_FILE", "")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("SERVER_PORT", "7002")
+    assert Settings.load().server_port == 7002
+    assert Settings.load(environ={"API_KEY": "k"}, env_file=None).server_port == 5000
+
+
+def test_variable_names_are_read_in_their_exact_case(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("api_key=from-file\n")
+    with pytest.raises(SettingsError, match="API_KEY is not set"):
+        Settings.load(env_file=env_file, environ={})
+    assert Settings.load(env_file=None, environ={"API_KEY": "k", "Server_Port": "7000"}).server_port == 5000
