@@ -6,7 +6,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from service.interface import ServiceState
+from service.interface import Generated, ServiceState
 from service.jobs import JobStore
 from web.access import public
 
@@ -24,6 +24,9 @@ def health():
 def ready():
     service = current_app.extensions["service"]
     body = {"status": service.state, "queue_depth": service.queue_depth, "queue_size": service.queue_size}
+    workers = service.gpu_workers()
+    if workers is not None:
+        body["gpu_workers"] = sum(worker["state"] == ServiceState.READY for worker in workers)
     if service.state != ServiceState.READY:
         response = jsonify(body | {"error": service.state.not_ready_message})
         response.headers["Retry-After"] = "5"
@@ -86,9 +89,9 @@ class Metrics:
             self.requests.labels(request.endpoint or "unknown", str(response.status_code)).inc()
             return response
 
-    def _generated(self, request, result) -> None:
-        self.generation_seconds.observe(result.seconds)
-        self.images.inc(len(result.images))
+    def _generated(self, generated: Generated) -> None:
+        self.generation_seconds.observe(generated.seconds)
+        self.images.inc(generated.images)
 
 
 class _JobsCollector:

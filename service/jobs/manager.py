@@ -16,7 +16,7 @@ from typing import BinaryIO
 from pydantic import BaseModel
 
 from service.fields import MAX_SEED
-from service.interface import GenerationService, Submission
+from service.interface import GenerationService
 from service.jobs.store import Job, JobStore
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
 from stable_diffusion.image_processing import encode_png, thumbnail
@@ -44,8 +44,6 @@ class JobEvent:
 class _Running:
     """What only this process knows about an unfinished job."""
 
-    submission: Submission | None = None
-    cancel_requested: bool = False
     preview_png: bytes | None = None
     preview_at: float = 0.0
 
@@ -76,14 +74,13 @@ class JobManager:
             fields = fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         job = Job(id=job_id, owner=owner, status="queued", step=0, total=0, seed=fields.seed, created_at=time.time())
         self.store.add(job)
-        running = self._running[job_id] = _Running()
+        self._running[job_id] = _Running()
         try:
             submission = self.service.submit(fields, upload, owner, job_id, partial(self._on_event, job_id))
         except ServiceError:
             self._running.pop(job_id, None)
             self.store.delete(job_id)
             raise
-        running.submission = submission
         self.store.update(job_id, input_file=submission.input_file)
         submission.future.add_done_callback(partial(self._finish, job_id))
         return self.store.get(job_id)
@@ -97,22 +94,17 @@ class JobManager:
         return job
 
     def queue_position(self, job_id: str) -> int | None:
-        running = self._running.get(job_id)
-        if running is None or running.submission is None:
-            return None
-        return self.service.position(running.submission)
+        return self.service.position(job_id)
 
     def cancel(self, job_id: str, owner: str) -> Job:
         """A queued job is canceled at once; a running one stops at its next step."""
         job = self.get(job_id, owner)
         if job.finished:
             raise Conflict(f"Job {job_id} has already {job.status}; there is nothing to cancel.")
-        running = self._running.get(job_id)
-        if running is None or running.submission is None:
-            return job
-        running.cancel_requested = True
         # A queued job's future cancels (and _finish records it); a running one stops at its next step.
-        running.submission.future.cancel()
+        if self.service.cancel(job_id, owner) and job_id not in self._running:
+            # Another process of the service submitted it (QUEUE_BACKEND=celery): it never runs now.
+            self._record(job_id, status="canceled", error=CANCELED_QUEUED, finished_at=time.time())
         return self.store.get(job_id)
 
     def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
@@ -197,8 +189,6 @@ class JobManager:
     def _on_event(self, job_id: str, event: GenerationEvent) -> None:
         """Runs on the GPU's thread: record progress, stop a canceled run."""
         running = self._running.get(job_id)
-        if running is not None and running.cancel_requested:
-            raise GenerationCanceled("Canceled while running.")
         if isinstance(event, Started):
             self._record(job_id, status="running", step=0, total=event.total, started_at=time.time())
             return
