@@ -7,6 +7,7 @@ import concurrent.futures
 import io
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.images import png_bytes
 from tests.processes import GpuWorker, RedisServer
 
 CELERY = {"QUEUE_BACKEND": "celery", "WEB_WORKERS": "2"}
+REDIS_PASSWORD = "redis-secret-4f1c"
 
 
 def post(server: LiveServer, path: str = "/generate", key: str = API_KEY, timeout: float = 120, **fields):
@@ -49,7 +51,7 @@ def pixels(png: bytes) -> np.ndarray:
 def cluster(tmp_path_factory):
     """One Redis, one GPU worker, one gunicorn with two web processes."""
     folder = tmp_path_factory.mktemp("cluster")
-    broker = RedisServer(folder)
+    broker = RedisServer(folder, password=REDIS_PASSWORD)
     worker = GpuWorker(folder, "gpu-1", REDIS_URL=broker.url, **CELERY)
     web = LiveServer(folder, REDIS_URL=broker.url, **CELERY)
     try:
@@ -77,6 +79,20 @@ def test_ready_counts_the_gpu_workers(cluster):
     _, _, web = cluster
     body = ready(web).json()
     assert body["status"] == "ready" and body["gpu_workers"] == 1
+
+
+def test_web_processes_load_no_model_and_metrics_come_from_the_workers(cluster):
+    broker, worker, web = cluster
+    pid = web.process.pid
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(children) == 2
+    for process in [pid, *children]:
+        assert "libtorch" not in Path(f"/proc/{process}/maps").read_text(), "a web process loaded torch"
+    text = requests.get(f"{web.url}/metrics", headers={"x-api-key": API_KEY}, verify=str(web.cert), timeout=10).text
+    assert 'gpu_workers{state="ready"} 1.0' in text and "queue_depth 0.0" in text
+    assert "gpu_worker_running{worker=" in text
+    for output in (web.output(), worker.output(), (web.folder / "api.log").read_text()):
+        assert REDIS_PASSWORD not in output
 
 
 def test_a_job_runs_on_the_gpu_worker_and_is_seen_by_every_web_process(cluster):

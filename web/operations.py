@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.interface import Generated, ServiceState
 from service.jobs import JobStore
@@ -82,6 +82,8 @@ class Metrics:
         )
         self.images = Counter("images_generated", "Images (GIF frames included) generated", registry=self.registry)
         self.registry.register(_JobsCollector(jobs))
+        if service.gpu_workers() is not None:
+            self.registry.register(_GpuWorkersCollector(service))
         service.observe(self._generated)
 
         @app.after_request
@@ -105,3 +107,22 @@ class _JobsCollector:
         for status, count in self.jobs.count_by_status().items():
             family.add_metric([status], count)
         yield family
+
+
+class _GpuWorkersCollector:
+    """QUEUE_BACKEND=celery: each GPU worker's figures, as its last heartbeat gave them."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def collect(self):
+        states = GaugeMetricFamily("gpu_workers", "GPU workers connected, by state", labels=["state"])
+        running = GaugeMetricFamily("gpu_worker_running", "Requests a GPU worker runs now", labels=["worker"])
+        images = CounterMetricFamily("gpu_worker_images", "Images a GPU worker generated", labels=["worker"])
+        workers = self.service.gpu_workers() or []
+        for state in ServiceState:
+            states.add_metric([state], sum(worker["state"] == state for worker in workers))
+        for worker in workers:
+            running.add_metric([worker["name"]], worker.get("running", 0))
+            images.add_metric([worker["name"]], worker.get("images", 0))
+        yield from (states, running, images)

@@ -34,6 +34,7 @@ class GpuRunner:
         self._stopped = threading.Event()
         # Requests this process runs; the heartbeat renews their claims.
         self._running: set[str] = set()
+        self._images = 0
         worker.observe(self._generated)
         self._heart = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
         self._heart.start()
@@ -98,6 +99,7 @@ class GpuRunner:
         return output, len(result.images)
 
     def _generated(self, generated: Generated) -> None:
+        self._images += generated.images
         self.ledger.record_seconds(generated.seconds)
 
     def _beat(self) -> None:
@@ -107,7 +109,10 @@ class GpuRunner:
             if state == ServiceState.READY:
                 about = self.worker.generator.describe()
             try:
-                self.ledger.beat(self.name, {"name": self.name, "state": state, "device": self.device, "about": about})
+                self.ledger.beat(self.name, {
+                    "name": self.name, "state": state, "device": self.device, "about": about,
+                    "running": len(self._running), "images": self._images,
+                })
                 self.ledger.renew(list(self._running))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("the heartbeat could not reach Redis (%s); retrying", exc)

@@ -29,6 +29,8 @@ CANCELED_QUEUED = "Canceled before it started."
 # Watchers get a preview picture at most this often, this many pixels on its longer side.
 PREVIEW_INTERVAL_S = 1.0
 PREVIEW_SIZE = 256
+# How often a watcher looks at the store for a job that another process of the service follows.
+STORE_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -135,26 +137,34 @@ class JobManager:
         job = self.get(job_id, owner)
         yield JobEvent("status", job)
         sent_preview: bytes | None = None
+        quiet_since = time.monotonic()
         while not job.finished:
+            # A job another process follows (QUEUE_BACKEND=celery) changes in the store only: look there often.
+            here = job_id in self._running
             with self._changed:
-                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s)
+                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s if here else STORE_POLL_S)
                 news, seen = self._version != seen, self._version
             if self._closed.is_set():
                 return
-            if not news:
-                yield None
-                continue
-            latest = self.store.get(job_id)
+            latest = self.store.get(job_id) if news or not here else job
             if latest is None:
                 return
+            told = False
             if latest.status != job.status:
+                told = True
                 yield JobEvent("status", latest)
             elif latest.step != job.step:
+                told = True
                 yield JobEvent("progress", latest)
             running = self._running.get(job_id)
             if running is not None and running.preview_png is not sent_preview and running.preview_png:
-                sent_preview = running.preview_png
+                sent_preview, told = running.preview_png, True
                 yield JobEvent("preview", latest, sent_preview)
+            if told:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= heartbeat_s:
+                quiet_since = time.monotonic()
+                yield None
             job = latest
 
     def _changed_since(self, seen: int) -> bool:
