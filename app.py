@@ -48,7 +48,10 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     app.extensions.update(
         settings=settings,
         service=service,
-        jobs=JobManager(store, service, settings.input_dir, settings.output_dir, settings.job_retention_s),
+        jobs=JobManager(
+            store, service, settings.input_dir, settings.output_dir, settings.job_retention_s,
+            sole_process=settings.queue_backend == "local",
+        ),
         generate_fields=generate_fields_model(settings),
         edge_fields=edge_fields_model(settings),
     )

@@ -54,15 +54,23 @@ class JobManager:
     """Submits jobs to the generation service, records their life in the store, and lets callers watch them."""
 
     def __init__(
-        self, store: JobStore, service: GenerationService, input_dir: Path, output_dir: Path, retention_s: float
+        self,
+        store: JobStore,
+        service: GenerationService,
+        input_dir: Path,
+        output_dir: Path,
+        retention_s: float,
+        sole_process: bool = True,
     ) -> None:
+        """`sole_process`: no other process shares the store, so a job it left unfinished can never finish
+        (with QUEUE_BACKEND=celery, other web processes may still be following theirs)."""
         self.store, self.service = store, service
         self.input_dir, self.output_dir, self.retention_s = input_dir, output_dir, retention_s
         self._running: dict[str, _Running] = {}
         self._changed = threading.Condition()
         self._version = 0
         self._closed = threading.Event()
-        interrupted = store.fail_unfinished(INTERRUPTED)
+        interrupted = store.fail_unfinished(INTERRUPTED) if sole_process else 0
         if interrupted:
             log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
         self.remove_expired()
