@@ -249,6 +249,8 @@ class GenerationWorker:
 
     def _serve(self, batch: list[_Item]) -> None:
         names = ", ".join(item.request.request_id for item in batch)
+        if len(batch) > 1:
+            log.info("requests %s share one run", names)
         try:
             outcomes = self._generator.run_batch(
                 [item.request for item in batch], [self._events_of(item) for item in batch]
