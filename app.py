@@ -44,7 +44,7 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     )
     service = service or start_service(settings)
     return_freed_pictures_to_the_os()
-    store = JobStore(settings.jobs_db)
+    store = open_job_store(settings)
     app.extensions.update(
         settings=settings,
         service=service,
@@ -82,6 +82,16 @@ def start_service(settings: Settings, on_load_failed=None) -> GenerationService:
 
         return CeleryGenerationService(settings)
     return LocalGenerationService.start(settings, on_load_failed=on_load_failed)
+
+
+def open_job_store(settings: Settings):
+    """SQLite in this process's folder; Redis, shared by every web process, with QUEUE_BACKEND=celery."""
+    if settings.queue_backend == "celery":
+        from service.distributed.ledger import connect
+        from service.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore(connect(settings.redis_url), settings.job_retention_s)
+    return JobStore(settings.jobs_db)
 
 
 def main() -> int:

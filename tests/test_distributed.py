@@ -110,6 +110,28 @@ def test_a_job_runs_on_the_gpu_worker_and_is_seen_by_every_web_process(cluster):
         Client(web.url, SECOND_KEY, verify=str(web.cert)).status(job["id"])
 
 
+def test_a_job_taken_on_one_host_is_watched_fetched_and_canceled_on_another(cluster, tmp_path):
+    broker, _, first_host = cluster
+    second_host = LiveServer(tmp_path, REDIS_URL=broker.url, **CELERY)
+    try:
+        _wait_listening(second_host)
+        here = Client(first_host.url, API_KEY, verify=str(first_host.cert))
+        there = Client(second_host.url, API_KEY, verify=str(second_host.cert))
+        job = here.submit(png_bytes(), "a windmill", seed=12, steps=3)
+        statuses = [data["status"] for kind, data in there.events(job["id"]) if kind == "status"]
+        assert statuses[-1] == "succeeded"
+        assert there.result(job["id"]) == here.result(job["id"])
+        assert not list((tmp_path / "output_images").glob("*")), "the other host's result stays on its host"
+        with pytest.raises(Exception, match="404|No job"):
+            Client(second_host.url, SECOND_KEY, verify=str(second_host.cert)).status(job["id"])
+        slow = here.submit(png_bytes(), "a long one", steps=60, resolution=128)
+        wait_for(there, slow["id"], "running")
+        there.cancel(slow["id"])
+        assert wait_for(here, slow["id"], "canceled", "succeeded")["status"] == "canceled"
+    finally:
+        second_host.stop()
+
+
 def test_requests_that_arrive_together_share_one_run_on_the_gpu_worker(cluster):
     _, worker, web = cluster
     with concurrent.futures.ThreadPoolExecutor(3) as pool:

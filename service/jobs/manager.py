@@ -3,6 +3,7 @@ store as they go, watched live (status, progress, previews), canceled, and remov
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 import threading
@@ -130,6 +131,10 @@ class JobManager:
         try:
             return path.open("rb"), job.result_type, path.suffix
         except FileNotFoundError:
+            # Another host answered the job (QUEUE_BACKEND=celery): the store keeps a copy.
+            kept = self.store.get_result(job_id) if getattr(self.store, "keeps_results", False) else None
+            if kept is not None:
+                return io.BytesIO(kept), job.result_type, path.suffix
             raise Gone(
                 f"Job {job_id}'s result file is gone (results are kept for {self.retention_s:g} s, "
                 "JOB_RETENTION_S); submit the job again."
@@ -227,6 +232,8 @@ class JobManager:
             changes = {"status": "failed", "error": f"Generation failed ({type(error).__name__})."}
         else:
             output = future.result()
+            if getattr(self.store, "keeps_results", False):
+                self.store.put_result(job_id, output.data)
             job = self.store.get(job_id)
             changes = {
                 "status": "succeeded", "result_file": output.file_name, "result_type": output.mimetype,
