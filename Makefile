@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev browser serve test lint bench bench-gpu
+.PHONY: install install-dev browser redis serve test lint bench bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ install-dev: $(BIN)/python
 serve: install
 	$(BIN)/python app.py
 
-# The browser tests drive Debian's chromium through its chromedriver.
+# The browser tests drive Debian's chromium through its chromedriver; the QUEUE_BACKEND=celery tests start
+# Debian's redis-server.
 browser:
 	scripts/install_chromium.sh
 
-test: install-dev browser
+redis:
+	scripts/install_redis.sh
+
+test: install-dev browser redis
 	$(BIN)/python -m pytest
 
 lint: install-dev

@@ -42,13 +42,16 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
         MAX_FORM_MEMORY_SIZE=FORM_OVERHEAD_BYTES,
         MAX_FORM_PARTS=64,
     )
-    service = service or LocalGenerationService.start(settings)
+    service = service or start_service(settings)
     return_freed_pictures_to_the_os()
-    store = JobStore(settings.jobs_db)
+    store = open_job_store(settings)
     app.extensions.update(
         settings=settings,
         service=service,
-        jobs=JobManager(store, service, settings.input_dir, settings.output_dir, settings.job_retention_s),
+        jobs=JobManager(
+            store, service, settings.input_dir, settings.output_dir, settings.job_retention_s,
+            sole_process=settings.queue_backend == "local",
+        ),
         generate_fields=generate_fields_model(settings),
         edge_fields=edge_fields_model(settings),
     )
@@ -70,6 +73,25 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     for blueprint in (operations, images, jobs, pages):
         app.register_blueprint(blueprint)
     return app
+
+
+def start_service(settings: Settings, on_load_failed=None) -> GenerationService:
+    """QUEUE_BACKEND=local: the model loads in this process, in the background. celery: GPU workers elsewhere."""
+    if settings.queue_backend == "celery":
+        from service.distributed.remote import CeleryGenerationService
+
+        return CeleryGenerationService(settings)
+    return LocalGenerationService.start(settings, on_load_failed=on_load_failed)
+
+
+def open_job_store(settings: Settings):
+    """SQLite in this process's folder; Redis, shared by every web process, with QUEUE_BACKEND=celery."""
+    if settings.queue_backend == "celery":
+        from service.distributed.ledger import connect
+        from service.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore(connect(settings.redis_url), settings.job_retention_s)
+    return JobStore(settings.jobs_db)
 
 
 def main() -> int:
@@ -102,7 +124,8 @@ class GunicornServer(BaseApplication):
         host = _listening_address(settings.server_ip)
         options = {
             "bind": f"{host}:{settings.server_port}",
-            "workers": 1,
+            # One process holds the model in local mode; in celery mode the GPU workers do, and web processes scale.
+            "workers": settings.web_workers,
             # gthread, with TLS handshakes that wait for clients in the poller and a deadline on request heads.
             "worker_class": worker_class(settings.request_head_timeout_s),
             "threads": settings.http_threads,
@@ -130,7 +153,7 @@ class GunicornServer(BaseApplication):
 
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
-        return create_app(self.settings, LocalGenerationService.start(self.settings, on_load_failed=_stop_serving))
+        return create_app(self.settings, start_service(self.settings, on_load_failed=_stop_serving))
 
 
 def _say_https(record: logging.LogRecord) -> bool:

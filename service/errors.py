@@ -21,6 +21,13 @@ from stable_diffusion.errors import (
     UnsupportedImage,
 )
 
+
+class QueueUnreachable(ServiceError):
+    """QUEUE_BACKEND=celery: the Redis server between web processes and GPU workers does not answer."""
+
+    status = 503
+
+
 __all__ = [
     "Conflict",
     "DecodersBusy",
@@ -34,6 +41,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "QueueFull",
+    "QueueUnreachable",
     "ServiceError",
     "StorageFull",
     "TooManyRequests",

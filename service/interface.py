@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from stable_diffusion.errors import GenerationTimeout
-from stable_diffusion.recipe import EventHandler, GenerationRequest, GenerationResult
+from stable_diffusion.recipe import EventHandler
 
 
 class ServiceState(enum.StrEnum):
@@ -26,11 +26,15 @@ class ServiceState(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     STOPPED = "stopped"
+    # QUEUE_BACKEND=celery only: no GPU worker is connected (requests wait in the queue for one), or the
+    # queue's Redis server cannot be reached (requests are refused until it is back).
+    NO_WORKERS = "no_workers"
+    UNREACHABLE = "unreachable"
 
     @property
     def takes_work(self) -> bool:
         """Requests are queued while the model loads and warms up, and refused once it failed or stopped."""
-        return self not in (ServiceState.FAILED, ServiceState.STOPPED)
+        return self not in (ServiceState.FAILED, ServiceState.STOPPED, ServiceState.UNREACHABLE)
 
     @property
     def not_ready_message(self) -> str:
@@ -44,6 +48,10 @@ _NOT_READY = {
     ServiceState.READY: "The model is ready.",
     ServiceState.FAILED: "The model failed to load; the server log says why.",
     ServiceState.STOPPED: "The generation worker has stopped; the server is shutting down.",
+    ServiceState.NO_WORKERS: (
+        "No GPU worker is connected; requests wait in the queue until one starts (python -m service.gpu_worker)."
+    ),
+    ServiceState.UNREACHABLE: "The queue's Redis server (REDIS_URL) cannot be reached; retry in a few seconds.",
 }
 
 
@@ -81,8 +89,16 @@ class Submission:
             ) from None
 
 
-# Called on the generating thread after every successful generation; metrics listen here.
-ResultObserver = Callable[[GenerationRequest, GenerationResult], None]
+@dataclass(frozen=True)
+class Generated:
+    """What metrics hear of each successful generation."""
+
+    seconds: float
+    images: int
+
+
+# Called after every successful generation; metrics listen here.
+ResultObserver = Callable[[Generated], None]
 
 
 class GenerationService(ABC):
@@ -125,12 +141,22 @@ class GenerationService(ABC):
         """The PNG of the Canny edge map that `submit` would generate from."""
 
     @abstractmethod
-    def position(self, submission: Submission) -> int | None:
-        """How many requests wait ahead of it (0: next), or None once it left the queue."""
+    def position(self, request_id: str) -> int | None:
+        """How many requests wait ahead of this one (0: next), or None once it left the queue."""
+
+    @abstractmethod
+    def cancel(self, request_id: str, owner: str) -> bool:
+        """A queued request leaves the queue now and never runs (True); a running one stops at its next
+        step (False). Works for a request submitted by any process of the service."""
 
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """What generates (model, device, dtype, samplers, speed settings); ModelNotReady until it is loaded."""
+
+    def gpu_workers(self) -> list[dict] | None:
+        """The GPU worker processes that serve this one, each as it describes itself; None when the model
+        runs in this process."""
+        return None
 
     @abstractmethod
     def observe(self, observer: ResultObserver) -> None: ...

@@ -10,32 +10,23 @@ from functools import partial
 from pydantic import BaseModel
 
 from service.interface import GenerationService, RenderedOutput, ResultObserver, ServiceState, Submission
-from service.rendering import build_request, render_output
+from service.rendering import render_output
 from service.settings import Settings
-from service.storage import new_file_stem, write_atomically
-from service.uploads import DecodeSlots
+from service.storage import write_atomically
+from service.uploads import Prepared, UploadDesk
 from service.worker import GenerationWorker, Generator
 from stable_diffusion.config import ModelConfig, SpeedConfig
 from stable_diffusion.errors import ServiceError
-from stable_diffusion.image_processing import (
-    FILE_EXTENSIONS,
-    DecodedImage,
-    DecodeLimits,
-    decode_upload,
-    encode_png,
-    make_control_image,
-)
-from stable_diffusion.recipe import EventHandler, GenerationRequest, GenerationResult
+from stable_diffusion.image_processing import DecodeLimits
+from stable_diffusion.recipe import EventHandler, GenerationResult
 
 
 class LocalGenerationService(GenerationService):
     def __init__(self, settings: Settings, worker: GenerationWorker) -> None:
         self._worker = worker
-        self._input_dir, self._output_dir = settings.input_dir, settings.output_dir
-        self._limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames)
-        self._decode_slots = DecodeSlots(settings.max_concurrent_decodes)
-        for directory in (self._input_dir, self._output_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        self._uploads = upload_desk(settings)
+        self._output_dir = settings.output_dir
+        self._output_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def start(
@@ -73,39 +64,32 @@ class LocalGenerationService(GenerationService):
     def submit(
         self, fields: BaseModel, upload: bytes, owner: str, request_id: str, on_event: EventHandler | None = None
     ) -> Submission:
-        with self._decode_slots.hold():
-            decoded = decode_upload(upload, self._limits)
-            request = build_request(request_id, fields, decoded)
-            # What answering needs (format, GIF timing), without the pixels: a queued request keeps edge maps only.
-            decoded = decoded.without_frames()
-        stem = new_file_stem()
-        input_file = f"{stem}.{FILE_EXTENSIONS[decoded.format]}"
-        # Saved before it is queued: a disk too full for the upload (507) costs no generation.
-        write_atomically(self._input_dir / input_file, upload)
-        finish = partial(self._finish, request, decoded, stem)
+        prepared = self._uploads.prepare(fields, upload, request_id)
         try:
-            future = self._worker.submit(request, on_event, owner=owner, finish=finish)
+            future = self._worker.submit(
+                prepared.request, on_event, owner=owner, finish=partial(self._finish, prepared)
+            )
         except ServiceError:
-            (self._input_dir / input_file).unlink(missing_ok=True)
+            self._uploads.discard(prepared)
             raise
-        return Submission(request_id, request.seed, request.size, input_file, future)
+        request = prepared.request
+        return Submission(request_id, request.seed, request.size, prepared.input_file, future)
 
-    def _finish(self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult):
+    def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""
-        rendered = render_output(request, result, upload, self._worker.generator.model_name)
-        file_name = f"{stem}.{rendered.extension}"
+        rendered = render_output(prepared.request, result, prepared.upload, self._worker.generator.model_name)
+        file_name = f"{prepared.stem}.{rendered.extension}"
         write_atomically(self._output_dir / file_name, rendered.data)
         return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds)
 
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
-        with self._decode_slots.hold():
-            decoded = decode_upload(upload, self._limits)
-            first = decoded.frames[0]
-            edges = make_control_image(first, fields.resolution, fields.low_threshold, fields.high_threshold)
-        return encode_png(edges)
+        return self._uploads.edge_map(fields, upload)
 
-    def position(self, submission: Submission) -> int | None:
-        return self._worker.position(submission.future)
+    def position(self, request_id: str) -> int | None:
+        return self._worker.position(request_id)
+
+    def cancel(self, request_id: str, owner: str) -> bool:
+        return self._worker.cancel(request_id)
 
     def describe(self) -> dict[str, object]:
         return self._worker.generator.describe()
@@ -127,6 +111,11 @@ def load_generator(settings: Settings) -> Generator:
         max_batch=settings.batch_size,
         warm_up_sizes=settings.warm_up_sizes or ((settings.default_resolution,) * 2,),
     )
+
+
+def upload_desk(settings: Settings) -> UploadDesk:
+    limits = DecodeLimits(max_pixels=settings.max_image_pixels, max_frames=settings.max_gif_frames)
+    return UploadDesk(settings.input_dir, limits, settings.max_concurrent_decodes)
 
 
 def model_config(settings: Settings) -> ModelConfig:

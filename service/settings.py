@@ -26,6 +26,9 @@ ENV_FILE_VARIABLE = "SD_ENV_FILE"
 # Old names no longer read, because other software reads them with another meaning.
 RENAMED_SETTINGS = {"SSL_CERT_FILE": "TLS_CERT_FILE", "SSL_KEY_FILE": "TLS_KEY_FILE"}
 
+# Never echoed in messages: keys, and a Redis URL that may carry a password.
+SECRET_SETTINGS = ("API_KEY", "REDIS_URL")
+
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CANNY_CONTROLNET_ID = "lllyasviel/sd-controlnet-canny"
 
@@ -61,7 +64,8 @@ class Settings(BaseSettings):
 
     sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
-    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", alias="DEVICE")
+    # cuda:N picks one GPU of several (one GPU worker process per GPU).
+    device: str = Field("auto", alias="DEVICE", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", alias="DTYPE")
     # Speed: channels-last memory for the convolutions (auto: on a GPU), and torch.compile of the UNet
     # and ControlNet in one of its modes, compiled and warmed up before /ready answers 200.
@@ -98,6 +102,15 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(120, alias="RATE_LIMIT_PER_MINUTE", ge=0, le=1_000_000)
     generation_timeout_s: float = Field(600.0, alias="GENERATION_TIMEOUT_S", gt=0)
     shutdown_grace_s: float = Field(60.0, alias="SHUTDOWN_GRACE_S", gt=0, le=3600)
+
+    # local: the model in this process (nothing else to start). celery: web processes only here, GPU workers
+    # (python -m service.gpu_worker) elsewhere, a Redis server between them; the URL may carry a password.
+    queue_backend: Literal["local", "celery"] = Field("local", alias="QUEUE_BACKEND")
+    redis_url: str = Field("redis://localhost:6379/0", alias="REDIS_URL", repr=False, pattern=r"^rediss?://")
+    # Web processes gunicorn runs; more than one only with QUEUE_BACKEND=celery (the model lives elsewhere).
+    web_workers: int = Field(1, alias="WEB_WORKERS", ge=1, le=256)
+    # A task a GPU worker took and did not finish (its process killed) goes back to the queue after this long.
+    task_visibility_timeout_s: float = Field(900.0, alias="TASK_VISIBILITY_TIMEOUT_S", gt=0)
 
     jobs_db: Path = Field(REPO_ROOT / "jobs.sqlite3", alias="JOBS_DB")
     job_retention_s: float = Field(7 * 24 * 3600, alias="JOB_RETENTION_S", gt=0)
@@ -167,6 +180,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {default_field.upper()} ({default})")
         return value
 
+    @model_validator(mode="after")
+    def _one_model_per_process(self) -> Settings:
+        if self.web_workers > 1 and self.queue_backend == "local":
+            raise ValueError(
+                "WEB_WORKERS above 1 needs QUEUE_BACKEND=celery: in local mode every web process would load "
+                "its own copy of the model"
+            )
+        return self
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
@@ -225,6 +247,6 @@ def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         name = aliases.get(str(error["loc"][0]), str(error["loc"][0])) if error["loc"] else "settings"
-        shown = "" if name == "API_KEY" else f" (got {error['input']!r})"
+        shown = "" if name in SECRET_SETTINGS else f" (got {error['input']!r})"
         problems.append(f"invalid setting {name}{shown}: {error['msg']}")
     return "; ".join(problems)

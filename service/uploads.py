@@ -1,12 +1,28 @@
-"""Admission of uploads: how many are decoded at once."""
+"""Uploads on their way in: how many are decoded at once, and the one path from an upload to a request
+(decode, edge maps, the upload saved in INPUT_DIR) that every generation backend takes."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+from pydantic import BaseModel
+
+from service.rendering import build_request
+from service.storage import new_file_stem, write_atomically
 from stable_diffusion.errors import DecodersBusy
+from stable_diffusion.image_processing import (
+    FILE_EXTENSIONS,
+    DecodedImage,
+    DecodeLimits,
+    decode_upload,
+    encode_png,
+    make_control_image,
+)
+from stable_diffusion.recipe import GenerationRequest
 
 
 class DecodeSlots:
@@ -31,3 +47,45 @@ class DecodeSlots:
             yield
         finally:
             self._slots.release()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An upload turned into a generation request. `upload` keeps what answering needs (format, GIF
+    timing) without the pixels; `stem` names the output like its upload, `input_file` in INPUT_DIR."""
+
+    request: GenerationRequest
+    upload: DecodedImage
+    stem: str
+    input_file: str
+
+
+class UploadDesk:
+    """Decodes uploads (a bounded number at once), makes their edge maps and keeps them in INPUT_DIR."""
+
+    def __init__(self, input_dir: Path, limits: DecodeLimits, concurrent_decodes: int) -> None:
+        self.input_dir, self._limits = input_dir, limits
+        self._slots = DecodeSlots(concurrent_decodes)
+        input_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self, fields: BaseModel, upload: bytes, request_id: str) -> Prepared:
+        """The request, with the upload saved first: a disk too full for it (507) costs no generation."""
+        with self._slots.hold():
+            decoded = decode_upload(upload, self._limits)
+            request = build_request(request_id, fields, decoded)
+            decoded = decoded.without_frames()
+        stem = new_file_stem()
+        input_file = f"{stem}.{FILE_EXTENSIONS[decoded.format]}"
+        write_atomically(self.input_dir / input_file, upload)
+        return Prepared(request, decoded, stem, input_file)
+
+    def discard(self, prepared: Prepared) -> None:
+        """The request was refused after all: its upload is not kept."""
+        (self.input_dir / prepared.input_file).unlink(missing_ok=True)
+
+    def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
+        """The PNG of the Canny edge map of the upload's first frame."""
+        with self._slots.hold():
+            first = decode_upload(upload, self._limits).frames[0]
+            edges = make_control_image(first, fields.resolution, fields.low_threshold, fields.high_threshold)
+        return encode_png(edges)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.interface import ResultObserver, ServiceState
+from service.interface import Generated, ResultObserver, ServiceState
 from stable_diffusion.errors import (
     GenerationCanceled,
     GenerationFailed,
@@ -79,6 +79,8 @@ class GenerationWorker:
         self._max_per_owner = max_per_owner or sys.maxsize
         self._per_owner: Counter[str] = Counter()
         self._average_seconds = 1.0
+        # Running requests asked to stop: their next event raises GenerationCanceled.
+        self._cancel_requested: set[str] = set()
         self._finisher = ThreadPoolExecutor(FINISHERS, thread_name_prefix="generation-finisher")
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._thread.start()
@@ -171,11 +173,19 @@ class GenerationWorker:
             if item is not None and item in self._pending:
                 self._pending.remove(item)
 
-    def position(self, future: Future) -> int | None:
-        """How many requests wait ahead of `future` (0: next), or None once it left the queue."""
+    def position(self, request_id: str) -> int | None:
+        """How many requests wait ahead of this one (0: next), or None once it left the queue."""
         with self._wakeup:
-            waiting = [item.future for item in self._pending]
-        return waiting.index(future) if future in waiting else None
+            waiting = [item.request.request_id for item in self._pending]
+        return waiting.index(request_id) if request_id in waiting else None
+
+    def cancel(self, request_id: str) -> bool:
+        """A queued request leaves the queue now (True); a running one stops at its next step (False)."""
+        with self._wakeup:
+            queued = [item for item in self._pending if item.request.request_id == request_id]
+            if not queued:
+                self._cancel_requested.add(request_id)
+        return any([item.future.cancel() for item in queued])
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, results saved, then stop the threads."""
@@ -239,14 +249,19 @@ class GenerationWorker:
 
     def _serve(self, batch: list[_Item]) -> None:
         names = ", ".join(item.request.request_id for item in batch)
+        if len(batch) > 1:
+            log.info("requests %s share one run", names)
         try:
-            outcomes = self._generator.run_batch([item.request for item in batch], [item.on_event for item in batch])
+            outcomes = self._generator.run_batch(
+                [item.request for item in batch], [self._events_of(item) for item in batch]
+            )
         except ServiceError as error:
             # Out of GPU memory: the generator said so in a message for the caller.
             outcomes = [error] * len(batch)
         except Exception as exc:
             log.exception("requests %s: generation failed", names)
             outcomes = [_failed(item.request, exc) for item in batch]
+        self._cancel_requested.difference_update(item.request.request_id for item in batch)
         for item, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Canceled):
                 log.info("request %s: canceled while running", item.request.request_id)
@@ -257,10 +272,22 @@ class GenerationWorker:
             self._average_seconds = 0.8 * self._average_seconds + 0.2 * outcome.seconds
             for observer in self._observers:
                 try:
-                    observer(item.request, outcome)
+                    observer(Generated(outcome.seconds, len(outcome.images)))
                 except Exception:
                     log.exception("a result observer failed")
             self._finisher.submit(_finish, item, outcome)
+
+
+    def _events_of(self, item: _Item) -> EventHandler:
+        """The request's own handler, after a check that nobody asked it to stop."""
+
+        def on_event(event) -> None:
+            if item.request.request_id in self._cancel_requested:
+                raise GenerationCanceled("Canceled while running.")
+            if item.on_event is not None:
+                item.on_event(event)
+
+        return on_event
 
 
 def _finish(item: _Item, result: GenerationResult) -> None:

@@ -65,12 +65,14 @@ def resolve_device(setting: str) -> torch.device:
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if setting == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
+    device = torch.device(setting)
+    missing = (device.type == "cuda" and not cuda) or (device.type == "mps" and not mps)
+    if missing or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
         raise ModelLoadError(
             f"DEVICE={setting} but torch sees no such device; install the matching torch build "
-            "(see README) or set DEVICE=auto."
+            "(see README), pick a GPU that exists (cuda:0 is the first) or set DEVICE=auto."
         )
-    return torch.device(setting)
+    return device
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -92,7 +92,8 @@ class Remote(GenerationService):
     def counted(self, owner): raise NotImplementedError
     def submit(self, fields, upload, owner, request_id, on_event=None): raise NotImplementedError
     def edge_map(self, fields, upload): raise NotImplementedError
-    def position(self, submission): return None
+    def position(self, request_id): return None
+    def cancel(self, request_id): pass
     def describe(self): return {{}}
     def observe(self, observer): pass
     def close(self, timeout=None): pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.settings import REPO_ROOT, SD15_MODEL_ID, Settings, SettingsError
+from tests.conftest import tiny_settings
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -115,3 +116,15 @@ def test_variable_names_are_read_in_their_exact_case(tmp_path):
     with pytest.raises(SettingsError, match="API_KEY is not set"):
         Settings.load(env_file=env_file, environ={})
     assert Settings.load(env_file=None, environ={"API_KEY": "k", "Server_Port": "7000"}).server_port == 5000
+
+
+def test_a_bad_redis_url_is_named_without_its_password(tmp_path):
+    with pytest.raises(SettingsError) as refused:
+        tiny_settings(tmp_path, QUEUE_BACKEND="celery", REDIS_URL="http://:hunter2-secret@redis:6379/0")
+    assert "REDIS_URL" in str(refused.value) and "hunter2-secret" not in str(refused.value)
+
+
+def test_several_web_workers_need_the_celery_backend(tmp_path):
+    with pytest.raises(SettingsError, match="WEB_WORKERS.*QUEUE_BACKEND=celery"):
+        tiny_settings(tmp_path, WEB_WORKERS="2")
+    assert tiny_settings(tmp_path, WEB_WORKERS="2", QUEUE_BACKEND="celery").web_workers == 2

@@ -93,7 +93,10 @@ def init_rate_limit(app: Flask, settings: Settings) -> None:
         application_limits_exempt_when=lambda: (
             not is_rate_limited(app, request.endpoint) or request.method == "OPTIONS"
         ),
-        storage_uri="memory://",
+        # Shared by every web process in celery mode, so N processes do not let N times the limit through;
+        # while Redis is away, each process counts alone rather than failing requests.
+        storage_uri=settings.redis_url if settings.queue_backend == "celery" else "memory://",
+        in_memory_fallback_enabled=settings.queue_backend == "celery",
         strategy="moving-window",
         headers_enabled=True,
         header_name_mapping=RATE_LIMIT_HEADERS,

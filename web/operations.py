@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from service.interface import ServiceState
+from service.interface import Generated, ServiceState
 from service.jobs import JobStore
 from web.access import public
 
@@ -24,6 +24,9 @@ def health():
 def ready():
     service = current_app.extensions["service"]
     body = {"status": service.state, "queue_depth": service.queue_depth, "queue_size": service.queue_size}
+    workers = service.gpu_workers()
+    if workers is not None:
+        body["gpu_workers"] = sum(worker["state"] == ServiceState.READY for worker in workers)
     if service.state != ServiceState.READY:
         response = jsonify(body | {"error": service.state.not_ready_message})
         response.headers["Retry-After"] = "5"
@@ -79,6 +82,8 @@ class Metrics:
         )
         self.images = Counter("images_generated", "Images (GIF frames included) generated", registry=self.registry)
         self.registry.register(_JobsCollector(jobs))
+        if service.gpu_workers() is not None:
+            self.registry.register(_GpuWorkersCollector(service))
         service.observe(self._generated)
 
         @app.after_request
@@ -86,9 +91,9 @@ class Metrics:
             self.requests.labels(request.endpoint or "unknown", str(response.status_code)).inc()
             return response
 
-    def _generated(self, request, result) -> None:
-        self.generation_seconds.observe(result.seconds)
-        self.images.inc(len(result.images))
+    def _generated(self, generated: Generated) -> None:
+        self.generation_seconds.observe(generated.seconds)
+        self.images.inc(generated.images)
 
 
 class _JobsCollector:
@@ -102,3 +107,22 @@ class _JobsCollector:
         for status, count in self.jobs.count_by_status().items():
             family.add_metric([status], count)
         yield family
+
+
+class _GpuWorkersCollector:
+    """QUEUE_BACKEND=celery: each GPU worker's figures, as its last heartbeat gave them."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def collect(self):
+        states = GaugeMetricFamily("gpu_workers", "GPU workers connected, by state", labels=["state"])
+        running = GaugeMetricFamily("gpu_worker_running", "Requests a GPU worker runs now", labels=["worker"])
+        images = CounterMetricFamily("gpu_worker_images", "Images a GPU worker generated", labels=["worker"])
+        workers = self.service.gpu_workers() or []
+        for state in ServiceState:
+            states.add_metric([state], sum(worker["state"] == state for worker in workers))
+        for worker in workers:
+            running.add_metric([worker["name"]], worker.get("running", 0))
+            images.add_metric([worker["name"]], worker.get("images", 0))
+        yield from (states, running, images)

@@ -3,6 +3,7 @@ store as they go, watched live (status, progress, previews), canceled, and remov
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 import threading
@@ -16,7 +17,7 @@ from typing import BinaryIO
 from pydantic import BaseModel
 
 from service.fields import MAX_SEED
-from service.interface import GenerationService, Submission
+from service.interface import GenerationService
 from service.jobs.store import Job, JobStore
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
 from stable_diffusion.image_processing import encode_png, thumbnail
@@ -29,6 +30,8 @@ CANCELED_QUEUED = "Canceled before it started."
 # Watchers get a preview picture at most this often, this many pixels on its longer side.
 PREVIEW_INTERVAL_S = 1.0
 PREVIEW_SIZE = 256
+# How often a watcher looks at the store for a job that another process of the service follows.
+STORE_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,6 @@ class JobEvent:
 class _Running:
     """What only this process knows about an unfinished job."""
 
-    submission: Submission | None = None
-    cancel_requested: bool = False
     preview_png: bytes | None = None
     preview_at: float = 0.0
 
@@ -54,15 +55,23 @@ class JobManager:
     """Submits jobs to the generation service, records their life in the store, and lets callers watch them."""
 
     def __init__(
-        self, store: JobStore, service: GenerationService, input_dir: Path, output_dir: Path, retention_s: float
+        self,
+        store: JobStore,
+        service: GenerationService,
+        input_dir: Path,
+        output_dir: Path,
+        retention_s: float,
+        sole_process: bool = True,
     ) -> None:
+        """`sole_process`: no other process shares the store, so a job it left unfinished can never finish
+        (with QUEUE_BACKEND=celery, other web processes may still be following theirs)."""
         self.store, self.service = store, service
         self.input_dir, self.output_dir, self.retention_s = input_dir, output_dir, retention_s
         self._running: dict[str, _Running] = {}
         self._changed = threading.Condition()
         self._version = 0
         self._closed = threading.Event()
-        interrupted = store.fail_unfinished(INTERRUPTED)
+        interrupted = store.fail_unfinished(INTERRUPTED) if sole_process else 0
         if interrupted:
             log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
         self.remove_expired()
@@ -76,14 +85,13 @@ class JobManager:
             fields = fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         job = Job(id=job_id, owner=owner, status="queued", step=0, total=0, seed=fields.seed, created_at=time.time())
         self.store.add(job)
-        running = self._running[job_id] = _Running()
+        self._running[job_id] = _Running()
         try:
             submission = self.service.submit(fields, upload, owner, job_id, partial(self._on_event, job_id))
         except ServiceError:
             self._running.pop(job_id, None)
             self.store.delete(job_id)
             raise
-        running.submission = submission
         self.store.update(job_id, input_file=submission.input_file)
         submission.future.add_done_callback(partial(self._finish, job_id))
         return self.store.get(job_id)
@@ -97,22 +105,17 @@ class JobManager:
         return job
 
     def queue_position(self, job_id: str) -> int | None:
-        running = self._running.get(job_id)
-        if running is None or running.submission is None:
-            return None
-        return self.service.position(running.submission)
+        return self.service.position(job_id)
 
     def cancel(self, job_id: str, owner: str) -> Job:
         """A queued job is canceled at once; a running one stops at its next step."""
         job = self.get(job_id, owner)
         if job.finished:
             raise Conflict(f"Job {job_id} has already {job.status}; there is nothing to cancel.")
-        running = self._running.get(job_id)
-        if running is None or running.submission is None:
-            return job
-        running.cancel_requested = True
         # A queued job's future cancels (and _finish records it); a running one stops at its next step.
-        running.submission.future.cancel()
+        if self.service.cancel(job_id, owner) and job_id not in self._running:
+            # Another process of the service submitted it (QUEUE_BACKEND=celery): it never runs now.
+            self._record(job_id, status="canceled", error=CANCELED_QUEUED, finished_at=time.time())
         return self.store.get(job_id)
 
     def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
@@ -128,6 +131,10 @@ class JobManager:
         try:
             return path.open("rb"), job.result_type, path.suffix
         except FileNotFoundError:
+            # Another host answered the job (QUEUE_BACKEND=celery): the store keeps a copy.
+            kept = self.store.get_result(job_id) if getattr(self.store, "keeps_results", False) else None
+            if kept is not None:
+                return io.BytesIO(kept), job.result_type, path.suffix
             raise Gone(
                 f"Job {job_id}'s result file is gone (results are kept for {self.retention_s:g} s, "
                 "JOB_RETENTION_S); submit the job again."
@@ -143,26 +150,34 @@ class JobManager:
         job = self.get(job_id, owner)
         yield JobEvent("status", job)
         sent_preview: bytes | None = None
+        quiet_since = time.monotonic()
         while not job.finished:
+            # A job another process follows (QUEUE_BACKEND=celery) changes in the store only: look there often.
+            here = job_id in self._running
             with self._changed:
-                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s)
+                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s if here else STORE_POLL_S)
                 news, seen = self._version != seen, self._version
             if self._closed.is_set():
                 return
-            if not news:
-                yield None
-                continue
-            latest = self.store.get(job_id)
+            latest = self.store.get(job_id) if news or not here else job
             if latest is None:
                 return
+            told = False
             if latest.status != job.status:
+                told = True
                 yield JobEvent("status", latest)
             elif latest.step != job.step:
+                told = True
                 yield JobEvent("progress", latest)
             running = self._running.get(job_id)
             if running is not None and running.preview_png is not sent_preview and running.preview_png:
-                sent_preview = running.preview_png
+                sent_preview, told = running.preview_png, True
                 yield JobEvent("preview", latest, sent_preview)
+            if told:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= heartbeat_s:
+                quiet_since = time.monotonic()
+                yield None
             job = latest
 
     def _changed_since(self, seen: int) -> bool:
@@ -197,8 +212,6 @@ class JobManager:
     def _on_event(self, job_id: str, event: GenerationEvent) -> None:
         """Runs on the GPU's thread: record progress, stop a canceled run."""
         running = self._running.get(job_id)
-        if running is not None and running.cancel_requested:
-            raise GenerationCanceled("Canceled while running.")
         if isinstance(event, Started):
             self._record(job_id, status="running", step=0, total=event.total, started_at=time.time())
             return
@@ -219,6 +232,8 @@ class JobManager:
             changes = {"status": "failed", "error": f"Generation failed ({type(error).__name__})."}
         else:
             output = future.result()
+            if getattr(self.store, "keeps_results", False):
+                self.store.put_result(job_id, output.data)
             job = self.store.get(job_id)
             changes = {
                 "status": "succeeded", "result_file": output.file_name, "result_type": output.mimetype,

@@ -1,0 +1,1 @@
+"""QUEUE_BACKEND=celery: web processes hand generations to GPU worker processes through Celery on Redis."""

@@ -1,0 +1,133 @@
+"""The GPU worker's side of a generation task: it feeds the task to this process's GenerationWorker (so
+tasks that arrive together share one denoising run), sends the run's events and its rendered output
+back to the web process through Redis, and stops a run whose request was canceled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from functools import partial
+
+import redis
+
+from service.distributed import wire
+from service.distributed.ledger import Ledger
+from service.errors import GenerationCanceled, ServiceError
+from service.interface import Generated, RenderedOutput, ServiceState
+from service.jobs.manager import CANCELED_QUEUED, PREVIEW_INTERVAL_S, PREVIEW_SIZE
+from service.rendering import render_output
+from service.worker import GenerationWorker
+from stable_diffusion.image_processing import DecodedImage, thumbnail
+from stable_diffusion.recipe import GenerationEvent, GenerationRequest, GenerationResult, Started
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 3
+
+
+class GpuRunner:
+    def __init__(self, worker: GenerationWorker, ledger: Ledger, device: str) -> None:
+        self.worker, self.ledger, self.device = worker, ledger, device
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._stopped = threading.Event()
+        # Requests this process runs; the heartbeat renews their claims.
+        self._running: set[str] = set()
+        self._images = 0
+        worker.observe(self._generated)
+        self._heart = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
+        self._heart.start()
+
+    def run(self, message: dict) -> None:
+        """One Celery task: returns once the web process has its reply."""
+        request_id, owner = message["request"]["request_id"], message["owner"]
+        if self.ledger.canceled(request_id):
+            log.info("request %s: canceled before it ran", request_id)
+            self.ledger.reply(request_id, wire.failed(GenerationCanceled(CANCELED_QUEUED)))
+            return
+        if not self._claim(request_id):
+            return
+        self.ledger.left_queue(request_id)
+        request, upload = wire.read_request(message)
+        on_event = partial(self._relay, request_id, message["events"], _Throttle())
+        finish = partial(self._render, request, upload, message["stem"])
+        try:
+            future = self.worker.submit(request, on_event, owner=owner, finish=finish)
+            output, images = future.result()
+            reply = wire.done(output, images)
+        except ServiceError as error:
+            reply = wire.failed(error)
+        finally:
+            self._running.discard(request_id)
+        self.ledger.reply(request_id, reply)
+        self.ledger.finish(request_id)
+        self.ledger.release(owner, request_id)
+
+    def _claim(self, request_id: str) -> bool:
+        """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, or its worker
+        died. Run it only when no live worker holds it: wait while one does; drop it once it finished."""
+        while not self.ledger.claim(request_id, self.name):
+            if self.ledger.finished(request_id):
+                log.info("request %s: already finished by another worker", request_id)
+                return False
+            time.sleep(1)
+        self._running.add(request_id)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopped.set()
+        self.worker.close(timeout)
+
+    def _relay(self, request_id: str, events: bool, throttle: _Throttle, event: GenerationEvent) -> None:
+        """On the GPU thread, at every step: stop a canceled request; tell a watching web process."""
+        if self.ledger.canceled(request_id):
+            raise GenerationCanceled("Canceled while running.")
+        if not events:
+            return
+        if isinstance(event, Started):
+            self.ledger.reply(request_id, wire.started(event.total))
+            return
+        preview = thumbnail(event.preview(), PREVIEW_SIZE) if throttle.due() else None
+        self.ledger.reply(request_id, wire.stepped(event.step, event.total, preview))
+
+    def _render(
+        self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult
+    ) -> tuple[RenderedOutput, int]:
+        rendered = render_output(request, result, upload, self.worker.generator.model_name)
+        output = RenderedOutput(rendered.data, rendered.mimetype, f"{stem}.{rendered.extension}", result.seconds)
+        return output, len(result.images)
+
+    def _generated(self, generated: Generated) -> None:
+        self._images += generated.images
+        self.ledger.record_seconds(generated.seconds)
+
+    def _beat(self) -> None:
+        while not self._stopped.is_set():
+            state = self.worker.state
+            about = {}
+            if state == ServiceState.READY:
+                about = self.worker.generator.describe()
+            try:
+                self.ledger.beat(self.name, {
+                    "name": self.name, "state": state, "device": self.device, "about": about,
+                    "running": len(self._running), "images": self._images,
+                })
+                self.ledger.renew(list(self._running))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("the heartbeat could not reach Redis (%s); retrying", exc)
+            self._stopped.wait(HEARTBEAT_S)
+
+
+class _Throttle:
+    """True at most once per PREVIEW_INTERVAL_S."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < PREVIEW_INTERVAL_S:
+            return False
+        self._last = now
+        return True

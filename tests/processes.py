@@ -1,0 +1,100 @@
+"""Real processes for the distributed tests: a redis-server and GPU workers (python -m service.gpu_worker)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from service.settings import REPO_ROOT
+from tests.conftest import free_port, tiny_environment
+
+
+class RedisServer:
+    """redis-server on a free loopback port, nothing written to disk (scripts/install_redis.sh installs it)."""
+
+    def __init__(self, folder: Path, password: str | None = None, port: int | None = None) -> None:
+        self.folder, self.port, self.password = folder, port or free_port(), password
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("redis-server is not installed: run scripts/install_redis.sh (make test does)")
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(folder)]
+        if password:
+            command += ["--requirepass", password]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+    def restart(self) -> None:
+        """The same address again, empty (it kept nothing on disk)."""
+        self.stop()
+        self.__init__(self.folder, self.password, self.port)
+
+
+class GpuWorker:
+    """`python -m service.gpu_worker` on the tiny model, as an operator starts one."""
+
+    def __init__(self, folder: Path, name: str, **overrides: str) -> None:
+        self.folder, self.name = folder, name
+        self.log_path = folder / f"{name}.out"
+        environment = tiny_environment(folder, **overrides)
+        env = {key: value for key, value in os.environ.items() if key != "API_KEY"} | environment
+        env.pop("API_KEY")  # a GPU worker needs none
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.gpu_worker"], cwd=REPO_ROOT, env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_ready(self, client: redis.Redis, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"GPU worker exited with {self.process.returncode}: {self.output()}")
+            if b'"state": "ready"' in b"".join(
+                value or b"" for value in client.mget(list(client.scan_iter("sd:gpu-worker:*")) or ["-"])
+            ) and "ready" in self.output():
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"GPU worker did not become ready: {self.output()}")
+
+    def signal(self, number: int) -> None:
+        os.killpg(self.process.pid, number)
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait(timeout=10)
+        return self.process.returncode

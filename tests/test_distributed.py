@@ -1,0 +1,284 @@
+"""QUEUE_BACKEND=celery with real processes: a redis-server, GPU workers (python -m service.gpu_worker) and
+gunicorn web processes (python app.py with WEB_WORKERS=2), all on the tiny model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from stable_diffusion.client import Client
+from tests.conftest import API_KEY, SECOND_KEY, LiveServer
+from tests.images import png_bytes
+from tests.processes import GpuWorker, RedisServer
+
+CELERY = {"QUEUE_BACKEND": "celery", "WEB_WORKERS": "2"}
+REDIS_PASSWORD = "redis-secret-4f1c"
+
+
+def post(server: LiveServer, path: str = "/generate", key: str = API_KEY, timeout: float = 120, **fields):
+    data = {"prompt": "a lighthouse at dawn", **fields}
+    return requests.post(
+        f"{server.url}{path}", headers={"x-api-key": key}, files={"image": ("p.png", png_bytes())}, data=data,
+        verify=str(server.cert), timeout=timeout,
+    )
+
+
+def ready(server: LiveServer) -> requests.Response:
+    return requests.get(f"{server.url}/ready", headers={"x-api-key": API_KEY}, verify=str(server.cert), timeout=10)
+
+
+def wait_for(client: Client, job_id: str, *statuses: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := client.status(job_id))["status"] not in statuses:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One Redis, one GPU worker, one gunicorn with two web processes."""
+    folder = tmp_path_factory.mktemp("cluster")
+    broker = RedisServer(folder, password=REDIS_PASSWORD)
+    # Companions get half a second to arrive, so that concurrent requests meet in one batch.
+    worker = GpuWorker(folder, "gpu-1", REDIS_URL=broker.url, BATCH_WAIT_MS="500", **CELERY)
+    web = LiveServer(folder, REDIS_URL=broker.url, **CELERY)
+    try:
+        worker.wait_until_ready(broker.client())
+        web.wait_until_healthy()
+        yield broker, worker, web
+    finally:
+        web.stop()
+        worker.stop()
+        broker.stop()
+
+
+def test_same_seed_gives_the_same_pixels_as_local_mode(cluster, live_server):
+    _, _, web = cluster
+    distributed = post(web, seed="42", steps="3")
+    local = post(live_server, seed="42", steps="3")
+    assert distributed.status_code == 200 and local.status_code == 200, distributed.text
+    assert distributed.headers["X-Seed"] == local.headers["X-Seed"] == "42"
+    assert np.array_equal(pixels(distributed.content), pixels(local.content))
+    saved = list((web.folder / "output_images").iterdir())
+    assert any(path.read_bytes() == distributed.content for path in saved), "the web host keeps the result"
+
+
+def test_ready_counts_the_gpu_workers(cluster):
+    _, _, web = cluster
+    body = ready(web).json()
+    assert body["status"] == "ready" and body["gpu_workers"] == 1
+
+
+def test_web_processes_load_no_model_and_metrics_come_from_the_workers(cluster):
+    broker, worker, web = cluster
+    pid = web.process.pid
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(children) == 2
+    for process in [pid, *children]:
+        assert "libtorch" not in Path(f"/proc/{process}/maps").read_text(), "a web process loaded torch"
+    text = requests.get(f"{web.url}/metrics", headers={"x-api-key": API_KEY}, verify=str(web.cert), timeout=10).text
+    assert 'gpu_workers{state="ready"} 1.0' in text and "queue_depth 0.0" in text
+    assert "gpu_worker_running{worker=" in text
+    for output in (web.output(), worker.output(), (web.folder / "api.log").read_text()):
+        assert REDIS_PASSWORD not in output
+
+
+def test_a_job_runs_on_the_gpu_worker_and_is_seen_by_every_web_process(cluster):
+    _, _, web = cluster
+    client = Client(web.url, API_KEY, verify=str(web.cert))
+    job = client.submit(png_bytes(), "a red barn", seed=3, steps=3)
+    events = [kind for kind, _ in client.events(job["id"])]
+    assert events[0] == "status" and "progress" in events and events[-1] == "status"
+    # Many reads: with two web processes, both answer some of them.
+    finished = [client.status(job["id"]) for _ in range(8)]
+    assert {one["status"] for one in finished} == {"succeeded"}
+    assert Image.open(io.BytesIO(client.result(job["id"]))).format == "PNG"
+    with pytest.raises(Exception, match="404|No job"):
+        Client(web.url, SECOND_KEY, verify=str(web.cert)).status(job["id"])
+
+
+def test_a_job_taken_on_one_host_is_watched_fetched_and_canceled_on_another(cluster, tmp_path):
+    broker, _, first_host = cluster
+    second_host = LiveServer(tmp_path, REDIS_URL=broker.url, **CELERY)
+    try:
+        _wait_listening(second_host)
+        here = Client(first_host.url, API_KEY, verify=str(first_host.cert))
+        there = Client(second_host.url, API_KEY, verify=str(second_host.cert))
+        job = here.submit(png_bytes(), "a windmill", seed=12, steps=3)
+        statuses = [data["status"] for kind, data in there.events(job["id"]) if kind == "status"]
+        assert statuses[-1] == "succeeded"
+        assert there.result(job["id"]) == here.result(job["id"])
+        assert not list((tmp_path / "output_images").glob("*")), "the other host's result stays on its host"
+        with pytest.raises(Exception, match="404|No job"):
+            Client(second_host.url, SECOND_KEY, verify=str(second_host.cert)).status(job["id"])
+        slow = here.submit(png_bytes(), "a long one", steps=60, resolution=128)
+        wait_for(there, slow["id"], "running")
+        there.cancel(slow["id"])
+        assert wait_for(here, slow["id"], "canceled", "succeeded")["status"] == "canceled"
+    finally:
+        second_host.stop()
+
+
+def test_requests_that_arrive_together_share_one_run_on_the_gpu_worker(cluster):
+    _, worker, web = cluster
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda seed: post(web, seed=str(seed), steps="2"), (1, 2, 3)))
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    shared = [line for line in worker.output().splitlines() if "share one run" in line]
+    assert any(line.count(",") >= 1 for line in shared), worker.output()[-2000:]
+    assert len({answer.content for answer in answers}) == 3
+
+
+def test_without_gpu_workers_ready_is_503_and_jobs_wait_for_one(tmp_path):
+    broker = RedisServer(tmp_path)
+    web = LiveServer(
+        tmp_path, REDIS_URL=broker.url, QUEUE_SIZE="2", MAX_QUEUED_PER_KEY="8", GENERATION_TIMEOUT_S="3", **CELERY
+    )
+    worker = None
+    try:
+        _wait_listening(web)
+        answer = ready(web)
+        assert answer.status_code == 503 and answer.json()["status"] == "no_workers"
+        assert "No GPU worker" in answer.json()["error"] and answer.headers["Retry-After"]
+        client = Client(web.url, API_KEY, verify=str(web.cert))
+        # Six at once through two web processes: the queue bound holds across them (2 in, 4 refused).
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: post(web, "/jobs", steps="2"), range(6)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert statuses == [202, 202, 503, 503, 503, 503], [answer.text for answer in answers]
+        refused = next(answer for answer in answers if answer.status_code == 503)
+        assert "queue is full" in refused.json()["error"] and int(refused.headers["Retry-After"]) >= 1
+        accepted = [answer.json()["id"] for answer in answers if answer.status_code == 202]
+        assert client.status(accepted[1])["queue_position"] in (0, 1)
+        canceled = client.cancel(accepted[1])
+        assert canceled["status"] == "canceled"
+        # A waiting client gives up after GENERATION_TIMEOUT_S; its task must not run for nobody later.
+        gone = post(web, seed="5")
+        assert gone.status_code == 504 and "GENERATION_TIMEOUT_S" in gone.json()["error"]
+        assert ready(web).json()["queue_depth"] == 1
+        worker = GpuWorker(tmp_path, "late", REDIS_URL=broker.url, **CELERY)
+        worker.wait_until_ready(broker.client())
+        assert wait_for(client, accepted[0], "succeeded", "failed")["status"] == "succeeded"
+        assert client.status(accepted[1])["status"] == "canceled"
+        time.sleep(2)
+        # The canceled job is skipped by the worker; the expired /generate task by Celery itself.
+        output = worker.output()
+        assert output.count("canceled before it ran") + output.count("Discarding revoked task") == 2, output[-3000:]
+        assert len(list((tmp_path / "output_images").iterdir())) == 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        web.stop()
+        broker.stop()
+
+
+def _wait_listening(server: LiveServer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{server.url}/health", verify=str(server.cert), timeout=2)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(server.output())
+
+
+def test_per_key_caps_and_rate_limits_hold_across_web_processes(tmp_path):
+    broker = RedisServer(tmp_path)
+    web = LiveServer(
+        tmp_path, REDIS_URL=broker.url, MAX_QUEUED_PER_KEY="3", RATE_LIMIT_PER_MINUTE="5", **CELERY
+    )
+    try:
+        _wait_listening(web)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(web, "/jobs", steps="2"), range(8)))
+        statuses = sorted(answer.status_code for answer in answers)
+        # 5 within the minute's limit, of which 3 fit the key's share; nothing more, whichever process answered.
+        assert statuses == [202, 202, 202, 429, 429, 429, 429, 429], statuses
+        messages = " ".join(answer.json()["error"] for answer in answers if answer.status_code == 429)
+        assert "MAX_QUEUED_PER_KEY" in messages and "per minute" in messages
+        other = post(web, "/jobs", key=SECOND_KEY, steps="2")
+        assert other.status_code == 202
+    finally:
+        web.stop()
+        broker.stop()
+
+
+def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
+    broker, worker, web = cluster
+    broker.stop()
+    try:
+        started = time.monotonic()
+        answer = post(web, timeout=30)
+        assert time.monotonic() - started < 10
+        assert answer.status_code == 503 and "Redis" in answer.json()["error"] and answer.headers["Retry-After"]
+        down = ready(web)
+        assert down.status_code == 503 and down.json()["status"] == "unreachable"
+        assert requests.get(f"{web.url}/health", verify=str(web.cert), timeout=5).ok
+    finally:
+        broker.restart()
+    # Celery's consumer reconnects with a growing back-off (up to about 20 s here).
+    deadline = time.monotonic() + 120
+    while ready(web).status_code != 200:
+        assert time.monotonic() < deadline, worker.output()[-3000:]
+        time.sleep(0.5)
+    again = post(web, seed="7", steps="2")
+    assert again.status_code == 200, again.text
+
+
+def test_a_killed_gpu_worker_loses_no_job(tmp_path):
+    """SIGKILL mid-generation: the task goes back to the queue and another worker runs it."""
+    broker = RedisServer(tmp_path)
+    settings = {"REDIS_URL": broker.url, "TASK_VISIBILITY_TIMEOUT_S": "5", **CELERY}
+    doomed = GpuWorker(tmp_path, "doomed", **settings)
+    web = LiveServer(tmp_path, **settings)
+    spare = None
+    try:
+        doomed.wait_until_ready(broker.client())
+        web.wait_until_healthy()
+        client = Client(web.url, API_KEY, verify=str(web.cert))
+        job = client.submit(png_bytes(), "a slow one", steps=40, resolution=128, seed=9)
+        wait_for(client, job["id"], "running")
+        doomed.signal(signal.SIGKILL)
+        spare = GpuWorker(tmp_path, "spare", **settings)
+        assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"
+        assert job["id"] in spare.output()
+    finally:
+        for process in (spare, doomed):
+            if process is not None:
+                process.stop()
+        web.stop()
+        broker.stop()
+
+
+def test_sigterm_on_a_gpu_worker_finishes_its_batch_first(tmp_path):
+    broker = RedisServer(tmp_path)
+    settings = {"REDIS_URL": broker.url, **CELERY}
+    worker = GpuWorker(tmp_path, "leaving", **settings)
+    web = LiveServer(tmp_path, **settings)
+    try:
+        worker.wait_until_ready(broker.client())
+        web.wait_until_healthy()
+        client = Client(web.url, API_KEY, verify=str(web.cert))
+        job = client.submit(png_bytes(), "finish me", steps=20, resolution=128)
+        wait_for(client, job["id"], "running")
+        worker.signal(signal.SIGTERM)
+        assert wait_for(client, job["id"], "succeeded", "failed")["status"] == "succeeded"
+        assert worker.process.wait(timeout=60) == 0
+    finally:
+        worker.stop()
+        web.stop()
+        broker.stop()
