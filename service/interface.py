@@ -153,6 +153,11 @@ class GenerationService(ABC):
     def describe(self) -> dict[str, object]:
         """What generates (model, device, dtype, samplers, speed settings); ModelNotReady until it is loaded."""
 
+    def adopt(self, request_id: str, owner: str, on_event: EventHandler | None = None) -> Future | None:
+        """Follow a request another process submitted and can no longer follow (it died): the future of its
+        output, or None when someone else follows it (or, in one process, there is nothing to adopt)."""
+        return None
+
     def gpu_workers(self) -> list[dict] | None:
         """The GPU worker processes that serve this one, each as it describes itself; None when the model
         runs in this process."""

@@ -132,6 +132,22 @@ def test_a_job_taken_on_one_host_is_watched_fetched_and_canceled_on_another(clus
         second_host.stop()
 
 
+def test_a_job_whose_web_host_dies_is_finished_by_another(cluster, tmp_path):
+    broker, _, survivor = cluster
+    doomed = LiveServer(tmp_path, REDIS_URL=broker.url, **CELERY)
+    try:
+        _wait_listening(doomed)
+        job = Client(doomed.url, API_KEY, verify=str(doomed.cert)).submit(
+            png_bytes(), "a long one", steps=40, resolution=128, seed=4
+        )
+        there = Client(survivor.url, API_KEY, verify=str(survivor.cert))
+        wait_for(there, job["id"], "running")
+    finally:
+        doomed.kill()
+    assert wait_for(there, job["id"], "succeeded", "failed", "canceled")["status"] == "succeeded"
+    assert Image.open(io.BytesIO(there.result(job["id"]))).size[0] == 128
+
+
 def test_requests_that_arrive_together_share_one_run_on_the_gpu_worker(cluster):
     _, worker, web = cluster
     with concurrent.futures.ThreadPoolExecutor(3) as pool:

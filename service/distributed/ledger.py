@@ -51,6 +51,10 @@ def reply_key(request_id: str) -> str:
     return f"{PREFIX}reply:{request_id}"
 
 
+def follow_key(request_id: str) -> str:
+    return f"{PREFIX}follow:{request_id}"
+
+
 def claim_key(request_id: str) -> str:
     return f"{PREFIX}claim:{request_id}"
 
@@ -152,6 +156,11 @@ class Ledger:
         pipe.set(done_key(request_id), 1, ex=int(self.horizon_s))
         pipe.delete(claim_key(request_id))
         pipe.execute()
+
+    def hold(self, request_id: str, follower: str, first: bool = False) -> bool:
+        """The web process `follower` reads the request's replies (a lease, renewed while it does);
+        `first`: only when nobody holds it (a follower whose process died lets its lease lapse)."""
+        return bool(self.redis.set(follow_key(request_id), follower, ex=HEARTBEAT_TTL_S, nx=first))
 
     def queue_depth(self) -> int:
         with reachable():

@@ -5,6 +5,8 @@ replies (events, then the output) from Redis and saves the output here. No model
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +48,7 @@ class CeleryGenerationService(GenerationService):
         self._observers: list[ResultObserver] = []
         self._followers: dict[str, tuple[threading.Thread, Future]] = {}
         self._closing = threading.Event()
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def state(self) -> ServiceState:
@@ -107,14 +110,28 @@ class CeleryGenerationService(GenerationService):
             self._ledger.release(owner, request_id)
             self._uploads.discard(prepared)
             raise
+        self._ledger.hold(request_id, self._name)
+        future = self._start_following(request_id, owner, on_event)
+        request = prepared.request
+        return Submission(request_id, request.seed, request.size, prepared.input_file, future)
+
+    def adopt(self, request_id: str, owner: str, on_event: EventHandler | None = None) -> Future | None:
+        try:
+            if request_id in self._followers or not self._ledger.hold(request_id, self._name, first=True):
+                return None
+        except (redis.ConnectionError, redis.TimeoutError):
+            return None
+        log.info("request %s: its web process stopped following it; this one does now", request_id)
+        return self._start_following(request_id, owner, on_event)
+
+    def _start_following(self, request_id: str, owner: str, on_event: EventHandler | None) -> Future:
         future = _RemoteFuture(self._ledger, request_id, owner)
         follower = threading.Thread(
             target=self._follow, args=(future, request_id, owner, on_event), name=f"follow-{request_id}", daemon=True
         )
         self._followers[request_id] = (follower, future)
         follower.start()
-        request = prepared.request
-        return Submission(request_id, request.seed, request.size, prepared.input_file, future)
+        return future
 
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
         return self._uploads.edge_map(fields, upload)
@@ -153,6 +170,7 @@ class CeleryGenerationService(GenerationService):
         try:
             while not future.done() and not self._closing.is_set():
                 try:
+                    self._ledger.hold(request_id, self._name)
                     reply = self._ledger.next_reply(request_id, POLL_S)
                 except (redis.ConnectionError, redis.TimeoutError):
                     # Redis is away: keep waiting (a waiting client times out by itself).

@@ -32,6 +32,8 @@ PREVIEW_INTERVAL_S = 1.0
 PREVIEW_SIZE = 256
 # How often a watcher looks at the store for a job that another process of the service follows.
 STORE_POLL_S = 0.5
+# How often a web process looks for jobs nobody follows any more (their process died).
+ADOPT_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class JobManager:
         self.remove_expired()
         self._janitor = threading.Thread(target=self._remove_expired_periodically, name="job-janitor", daemon=True)
         self._janitor.start()
+        if not sole_process:
+            threading.Thread(target=self._adopt_orphans_periodically, name="job-adopter", daemon=True).start()
 
     def submit(self, owner: str, job_id: str, fields: BaseModel, upload: bytes) -> Job:
         """Record the job, then submit it; refused (QueueFull, StorageFull, a bad upload...), it leaves no
@@ -208,6 +212,22 @@ class JobManager:
                 self.remove_expired()
             except Exception:
                 log.exception("removing expired jobs failed")
+
+    def _adopt_orphans_periodically(self) -> None:
+        """Jobs whose web process died are followed by another one (QUEUE_BACKEND=celery): nothing is lost."""
+        while not self._closed.wait(ADOPT_INTERVAL_S):
+            try:
+                for job in self.store.unfinished():
+                    if job.id in self._running:
+                        continue
+                    self._running[job.id] = _Running()
+                    future = self.service.adopt(job.id, job.owner, partial(self._on_event, job.id))
+                    if future is None:
+                        self._running.pop(job.id, None)
+                    else:
+                        future.add_done_callback(partial(self._finish, job.id))
+            except Exception:
+                log.exception("adopting jobs whose web process stopped failed")
 
     def _on_event(self, job_id: str, event: GenerationEvent) -> None:
         """Runs on the GPU's thread: record progress, stop a canceled run."""

@@ -68,6 +68,12 @@ class RedisJobStore:
         """Never: other web processes may be following the unfinished jobs."""
         return 0
 
+    def unfinished(self) -> list[Job]:
+        with reachable():
+            keys = list(self.redis.scan_iter(match=_key("*"), count=1000))
+        jobs = [self.get(key.decode().removeprefix(_key(""))) for key in keys]
+        return [job for job in jobs if job is not None and not job.finished]
+
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         with reachable():

@@ -110,6 +110,13 @@ class JobStore:
             )
         return cursor.rowcount
 
+    def unfinished(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(self._columns)} FROM jobs WHERE status IN ('queued', 'running')"
+            ).fetchall()
+        return [Job(*row) for row in rows]
+
     def count_by_status(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
