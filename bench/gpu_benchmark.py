@@ -22,12 +22,12 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import StableDiffusionControlNetImg2ImgPipeline
-from service.generation import build_request
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.http_overhead import picture, record_entry
 from service.fields import generate_fields_model
 from service.local import model_config
+from service.rendering import build_request
 from service.settings import Settings
 from service.worker import GenerationWorker
 from stable_diffusion.image_processing import DecodeLimits, decode_upload

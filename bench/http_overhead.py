@@ -25,10 +25,10 @@ from datetime import date
 import requests
 import torch
 from PIL import Image, ImageDraw
-from service.generation import build_request
 
 from service.fields import generate_fields_model
 from service.local import model_config
+from service.rendering import build_request
 from service.settings import REPO_ROOT, Settings
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
