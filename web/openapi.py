@@ -3,9 +3,9 @@ from the pydantic models the endpoints validate with (the forms) and answer with
 
 from __future__ import annotations
 
-from flask import Flask
 from pydantic import BaseModel
 
+from service.settings import Settings
 from web.errors import Error
 from web.jobs import ShownJob
 from web.operations import Health, Info, NotReady, Ready
@@ -37,10 +37,10 @@ IMAGE_ERRORS = ("400", "401", "413", "415", "429")
 GENERATION_ERRORS = (*IMAGE_ERRORS, "500", "503", "507")
 
 
-def build_document(app: Flask) -> dict:
-    settings = app.extensions["settings"]
-    generate_form = _form_schema(app.extensions["generate_fields"])
-    preprocess_form = _form_schema(app.extensions["edge_fields"])
+def build_document(settings: Settings, generate_fields: type[BaseModel], edge_fields: type[BaseModel]) -> dict:
+    """The document of an app with these settings and field models (its extensions of the same names)."""
+    generate_form = _form_schema(generate_fields)
+    preprocess_form = _form_schema(edge_fields)
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     picture = _text(
         "The picture: a PNG, or an animated GIF for an animated upload or progress_gif=true",

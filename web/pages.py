@@ -57,4 +57,5 @@ def favicon():
 @pages.get("/openapi.json")
 @public
 def openapi():
-    return jsonify(build_document(current_app))
+    extensions = current_app.extensions
+    return jsonify(build_document(extensions["settings"], extensions["generate_fields"], extensions["edge_fields"]))
