@@ -30,6 +30,7 @@ def test_ready_is_503_while_the_model_loads_and_200_after(pipeline_service, sett
         assert loading.status_code == 503
         assert loading.get_json()["status"] == "loading" and "still loading" in loading.get_json()["error"]
         assert loading.headers["Retry-After"] == "5"
+        schema(client.get("/openapi.json").get_json(), "NotReady").validate(loading.get_json())
         assert client.get("/health").status_code == 200
         # Work sent during loading waits in the queue and is served once the model is there.
         job_id = submit(client).get_json()["id"]
@@ -133,7 +134,8 @@ def test_the_openapi_document_is_valid_and_covers_every_route(document, app):
 
 
 def schema(document: dict, name: str) -> OAS30Validator:
-    return OAS30Validator(document["components"]["schemas"][name])
+    """A validator of one component schema, which may refer to others in the document."""
+    return OAS30Validator({"$ref": f"#/components/schemas/{name}", "components": document["components"]})
 
 
 def test_real_responses_match_the_document(document, client):
@@ -141,6 +143,7 @@ def test_real_responses_match_the_document(document, client):
     schema(document, "Job").validate(job)
     schema(document, "Job").validate(wait_for(client, job["id"], "succeeded"))
     schema(document, "Ready").validate(client.get("/ready", headers=KEY).get_json())
+    schema(document, "Info").validate(client.get("/info", headers=KEY).get_json())
     schema(document, "Health").validate(client.get("/health").get_json())
     schema(document, "Error").validate(client.get("/jobs/nope", headers=KEY).get_json())
     schema(document, "Error").validate(post_generate(client, png_bytes(), steps="0").get_json())

@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 
 from service.api_keys import digest, entry_digest, matches_any
 from service.errors import Unauthorized
 from service.settings import Settings
+from web.errors import error_json
 
 # The IETF's RateLimit-* fields (draft-ietf-httpapi-ratelimit-headers) instead of flask-limiter's X-RateLimit-*.
 # flask-limiter adds the reset moment as a Unix time, then sets the seconds until it under the name of its
@@ -78,8 +79,8 @@ def init_rate_limit(app: Flask, settings: Settings) -> None:
     def refuse(error: RateLimitExceeded):
         response = error.get_response()
         response.headers["Retry-After"] = str(max(1, int(limiter.current_limit.reset_at - time.time())))
-        response.data = jsonify(
-            error=f"Too many requests: this API key may make {per_minute} per minute to /generate, /jobs and "
+        response.data = error_json(
+            f"Too many requests: this API key may make {per_minute} per minute to /generate, /jobs and "
             "/preprocess (RATE_LIMIT_PER_MINUTE); retry after the number of seconds in Retry-After."
         ).get_data()
         response.content_type = "application/json"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service.errors import ServiceError
@@ -14,12 +15,24 @@ from service.errors import ServiceError
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 
 
+class Error(BaseModel):
+    """Every failure's body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str = Field(description="what was wrong, and how to fix it")
+
+
+def error_json(message: str) -> Response:
+    return jsonify(Error(error=message).model_dump())
+
+
 def init_errors(app: Flask) -> None:
     log = logging.getLogger("web.errors")
 
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError):
-        response = jsonify(error=error.message)
+        response = error_json(error.message)
         if error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
         return response, error.status
@@ -36,8 +49,8 @@ def init_errors(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge):
         limit_mb = app.extensions["settings"].max_upload_mb
-        response = jsonify(
-            error=f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
+        response = error_json(
+            f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
             "and text fields to 256 KB; send a smaller image."
         )
         response.headers["Connection"] = "close"
@@ -46,14 +59,14 @@ def init_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         response = error.get_response()
-        response.data = jsonify(error=error.description).get_data()
+        response.data = error_json(error.description).get_data()
         response.content_type = "application/json"
         return response
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
         log.exception("request %s failed", g.get("request_id"))
-        return jsonify(error=f"Internal server error; the server logged it under request id {g.request_id}."), 500
+        return error_json(f"Internal server error; the server logged it under request id {g.request_id}."), 500
 
 
 def _discard_unread_body() -> bool:

@@ -7,12 +7,21 @@ import json
 import uuid
 
 from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
+from pydantic import Field
 
-from service.jobs import Job, JobEvent, JobManager, describe
+from service.jobs import Job, JobEvent, JobManager, JobView, describe
 from web.access import rate_limited
 from web.forms import read_image_form
 
 jobs = Blueprint("jobs", __name__)
+
+
+class ShownJob(JobView):
+    """A job's status and progress, and where to watch it and fetch its result."""
+
+    status_url: str = Field(description="GET: this status; DELETE: cancel")
+    result_url: str = Field(description="GET: the picture, once the job has succeeded")
+    events_url: str = Field(description="GET: the job's Server-Sent Events")
 
 
 def _manager() -> JobManager:
@@ -20,12 +29,14 @@ def _manager() -> JobManager:
 
 
 def _shown(job: Job) -> dict[str, object]:
-    links = {
-        "status_url": f"/jobs/{job.id}",
-        "result_url": f"/jobs/{job.id}/result",
-        "events_url": f"/jobs/{job.id}/events",
-    }
-    return describe(job, _manager().queue_position(job.id)) | links
+    view = describe(job, _manager().queue_position(job.id))
+    shown = ShownJob(
+        **dict(view),
+        status_url=f"/jobs/{job.id}",
+        result_url=f"/jobs/{job.id}/result",
+        events_url=f"/jobs/{job.id}/events",
+    )
+    return shown.model_dump(mode="json")
 
 
 @jobs.post("/jobs")

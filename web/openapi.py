@@ -1,9 +1,20 @@
-"""The OpenAPI 3.0 document of the API, built from the same field models the endpoints validate with."""
+"""The OpenAPI 3.0 document of the API: its paths and answers are listed here, and every schema is generated
+from the pydantic models the endpoints validate with (the forms) and answer with (the JSON bodies)."""
 
 from __future__ import annotations
 
-from flask import Flask
 from pydantic import BaseModel
+
+from service.settings import Settings
+from web.errors import Error
+from web.jobs import ShownJob
+from web.operations import Health, Info, NotReady, Ready
+
+SCHEMAS = "#/components/schemas/"
+# The JSON bodies the API answers, by their name in the document.
+BODIES: dict[str, type[BaseModel]] = {
+    "Error": Error, "Health": Health, "Ready": Ready, "NotReady": NotReady, "Info": Info, "Job": ShownJob,
+}
 
 ERROR_STATUSES = {
     "400": "A field is missing or invalid; the message names it and the fix",
@@ -26,10 +37,10 @@ IMAGE_ERRORS = ("400", "401", "413", "415", "429")
 GENERATION_ERRORS = (*IMAGE_ERRORS, "500", "503", "507")
 
 
-def build_document(app: Flask) -> dict:
-    settings = app.extensions["settings"]
-    generate_form = _form_schema(app.extensions["generate_fields"])
-    preprocess_form = _form_schema(app.extensions["edge_fields"])
+def build_document(settings: Settings, generate_fields: type[BaseModel], edge_fields: type[BaseModel]) -> dict:
+    """The document of an app with these settings and field models (its extensions of the same names)."""
+    generate_form = _form_schema(generate_fields)
+    preprocess_form = _form_schema(edge_fields)
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     picture = _text(
         "The picture: a PNG, or an animated GIF for an animated upload or progress_gif=true",
@@ -61,7 +72,7 @@ def build_document(app: Flask) -> dict:
             "/ready": {
                 "get": _operation(
                     "Ready once the model is loaded and the worker runs",
-                    {"200": _json("Ready", "Ready"), "503": _json("Not ready", "Ready"), "401": _error("401")},
+                    {"200": _json("Ready", "Ready"), "503": _json("Not ready", "NotReady"), "401": _error("401")},
                 )
             },
             "/info": {
@@ -131,35 +142,20 @@ def build_document(app: Flask) -> dict:
             "schemas": {
                 "GenerateForm": generate_form,
                 "PreprocessForm": preprocess_form,
-                "Error": _object({"error": {"type": "string"}}, "error"),
-                "Health": _object({"status": {"type": "string", "enum": ["ok"]}}, "status"),
-                "Ready": _object(
-                    {
-                        "status": {"type": "string", "enum": ["loading", "warming_up", "ready", "failed", "stopped"]},
-                        "queue_depth": {"type": "integer", "minimum": 0},
-                        "queue_size": {"type": "integer", "minimum": 1},
-                        "error": {"type": "string"},
-                    },
-                    "status", "queue_depth", "queue_size",
-                ),
-                "Info": {"type": "object", "required": ["model", "device", "fields", "limits"]},
                 "Object": {"type": "object"},
-                "Job": _job_schema(),
+                **_model_schemas(BODIES),
             },
         },
     }
 
 
 def _form_schema(model: type[BaseModel]) -> dict:
-    """A field model as a multipart/form-data body, in OpenAPI 3.0's dialect of JSON Schema."""
-    schema = model.model_json_schema()
+    """A field model as a multipart/form-data body."""
+    schema = _openapi_30(model.model_json_schema())
     properties = {"image": {"type": "string", "format": "binary", "description": "PNG, JPEG or GIF, by content"}}
     for name, field in schema["properties"].items():
-        field = dict(field)
-        field.pop("title", None)
         # An optional field is simply left out of the form; there is no null to send.
-        if "anyOf" in field:
-            field |= next(option for option in field.pop("anyOf") if option.get("type") != "null")
+        if field.pop("nullable", False):
             field.pop("default", None)
         properties[name] = field
     return {
@@ -170,31 +166,42 @@ def _form_schema(model: type[BaseModel]) -> dict:
     }
 
 
-def _job_schema() -> dict:
-    timestamp = {"type": "string", "format": "date-time", "nullable": True}
-    return _object(
-        {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
-            "progress": _object(
-                {"step": {"type": "integer", "minimum": 0}, "total": {"type": "integer", "minimum": 0}}, "step", "total"
-            ),
-            "queue_position": {
-                "type": "integer", "minimum": 0, "nullable": True,
-                "description": "requests waiting ahead of this job (0: next); null once it left the queue",
-            },
-            "seed": {"type": "integer", "minimum": 0},
-            "error": {"type": "string"},
-            "result_type": {"type": "string", "enum": ["image/png", "image/gif"]},
-            "created_at": timestamp,
-            "started_at": timestamp,
-            "finished_at": timestamp,
-            "status_url": {"type": "string"},
-            "result_url": {"type": "string"},
-            "events_url": {"type": "string"},
-        },
-        "id", "status", "progress", "queue_position", "seed", "created_at", "status_url", "result_url", "events_url",
-    )
+def _model_schemas(models: dict[str, type[BaseModel]]) -> dict[str, dict]:
+    """Each model's schema under its name, with the schemas it refers to (an enum, a nested model) under theirs."""
+    schemas: dict[str, dict] = {}
+    for name, model in models.items():
+        schema = model.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
+        for used, definition in schema.pop("$defs", {}).items():
+            converted = _openapi_30(definition)
+            assert schemas.setdefault(used, converted) == converted, f"two different schemas are named {used}"
+        schemas[name] = _openapi_30(schema)
+    return schemas
+
+
+def _openapi_30(schema: dict) -> dict:
+    """A schema as pydantic writes it (JSON Schema 2020-12) in OpenAPI 3.0's dialect: `nullable` rather than
+    a null option, a one-value enum rather than `const`, a `$ref` alone (with anything beside it, in an
+    allOf), no titles; its subschemas likewise."""
+    schema = dict(schema)
+    if {"type": "null"} in schema.get("anyOf", []):
+        options = [option for option in schema.pop("anyOf") if option != {"type": "null"}]
+        schema = (options[0] if len(options) == 1 else {"anyOf": options}) | schema | {"nullable": True}
+    schema.pop("title", None)
+    if "const" in schema:
+        schema["enum"] = [schema.pop("const")]
+    if "default" in schema and schema["default"] is None and not schema.get("nullable"):
+        del schema["default"]  # a field left out when None: its schema shows no null (SkipJsonSchema)
+    if "$ref" in schema and len(schema) > 1:
+        schema = {"allOf": [{"$ref": schema.pop("$ref")}]} | schema
+    if "properties" in schema:
+        schema["properties"] = {name: _openapi_30(field) for name, field in schema["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = _openapi_30(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [_openapi_30(option) for option in schema[key]]
+    return schema
 
 
 def _events() -> dict:
@@ -208,10 +215,6 @@ def _events() -> dict:
         },
     }
     return {"description": "An event stream", "content": {"text/event-stream": {"schema": event}}}
-
-
-def _object(properties: dict, *required: str) -> dict:
-    return {"type": "object", "additionalProperties": False, "required": list(required), "properties": properties}
 
 
 def _json(description: str, schema: str) -> dict:

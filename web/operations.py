@@ -1,10 +1,14 @@
-"""Endpoints for operators and clients: liveness, readiness, what the server runs (/info), Prometheus metrics."""
+"""Endpoints for operators and clients: liveness, readiness, what the server runs (/info), Prometheus metrics;
+their JSON bodies are the models below, which the OpenAPI document is generated from."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.interface import Generated, ServiceState
 from service.jobs import JobStore
@@ -13,47 +17,91 @@ from web.access import public
 operations = Blueprint("operations", __name__)
 
 
+class Health(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: ServiceState
+    queue_depth: int = Field(ge=0, description="requests waiting to run")
+    queue_size: int = Field(ge=1, description="the most that may wait (QUEUE_SIZE)")
+    gpu_workers: int | None = Field(
+        None, ge=0, description="QUEUE_BACKEND=celery only: GPU workers ready (absent in local mode)"
+    )
+
+
+class NotReady(Ready):
+    error: str = Field(description="why the service cannot generate now")
+
+
+class FieldSchemas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generate: dict[str, Any] = Field(description="each /generate field's JSON Schema, by name")
+    preprocess: dict[str, Any] = Field(description="each /preprocess field's JSON Schema, by name")
+
+
+class Limits(BaseModel):
+    """The settings that bound a request, named as in the environment but in lower case."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_upload_mb: float
+    max_image_pixels: int
+    max_gif_frames: int
+    max_prompt_chars: int
+    queue_size: int
+    generation_timeout_s: float
+
+
+class Info(BaseModel):
+    """What the server runs (the backend says: model, device and more), the fields and the limits."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    device: str
+    fields: FieldSchemas
+    limits: Limits
+
+
 @operations.get("/health")
 @public
 def health():
     """Alive; says nothing about the model (that is /ready)."""
-    return jsonify(status="ok")
+    return jsonify(Health(status="ok").model_dump())
 
 
 @operations.get("/ready")
 def ready():
     service = current_app.extensions["service"]
-    body = {"status": service.state, "queue_depth": service.queue_depth, "queue_size": service.queue_size}
+    state = service.state
+    queue = {"queue_depth": service.queue_depth, "queue_size": service.queue_size}
     workers = service.gpu_workers()
     if workers is not None:
-        body["gpu_workers"] = sum(worker["state"] == ServiceState.READY for worker in workers)
-    if service.state != ServiceState.READY:
-        response = jsonify(body | {"error": service.state.not_ready_message})
+        queue["gpu_workers"] = sum(worker["state"] == ServiceState.READY for worker in workers)
+    if state != ServiceState.READY:
+        body = NotReady(status=state, error=state.not_ready_message, **queue)
+        response = jsonify(body.model_dump(mode="json", exclude_none=True))
         response.headers["Retry-After"] = "5"
         return response, 503
-    return jsonify(body)
+    return jsonify(Ready(status=state, **queue).model_dump(mode="json", exclude_none=True))
 
 
 @operations.get("/info")
 def info():
-    settings = current_app.extensions["settings"]
-    return jsonify(
-        current_app.extensions["service"].describe()
-        | {
-            "fields": {
-                "generate": current_app.extensions["generate_fields"].model_json_schema()["properties"],
-                "preprocess": current_app.extensions["edge_fields"].model_json_schema()["properties"],
-            },
-            "limits": {
-                "max_upload_mb": settings.max_upload_mb,
-                "max_image_pixels": settings.max_image_pixels,
-                "max_gif_frames": settings.max_gif_frames,
-                "max_prompt_chars": settings.max_prompt_chars,
-                "queue_size": settings.queue_size,
-                "generation_timeout_s": settings.generation_timeout_s,
-            },
-        }
+    extensions = current_app.extensions
+    schemas = FieldSchemas(
+        generate=extensions["generate_fields"].model_json_schema()["properties"],
+        preprocess=extensions["edge_fields"].model_json_schema()["properties"],
     )
+    limits = Limits.model_validate(extensions["settings"], from_attributes=True)
+    info = Info(**extensions["service"].describe(), fields=schemas, limits=limits)
+    return jsonify(info.model_dump(mode="json"))
 
 
 @operations.get("/metrics")

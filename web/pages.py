@@ -13,6 +13,7 @@ import swagger_ui_bundle
 from flask import Blueprint, current_app, jsonify, send_from_directory
 
 from web.access import public
+from web.errors import error_json
 from web.openapi import build_document
 
 pages = Blueprint("pages", __name__)
@@ -42,7 +43,7 @@ def static(filename: str):
 @public
 def swagger_asset(name: str):
     if name not in SWAGGER_ASSETS:
-        return jsonify(error=f"No asset {name!r}."), 404
+        return error_json(f"No asset {name!r}."), 404
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, name)
 
 
@@ -56,4 +57,5 @@ def favicon():
 @pages.get("/openapi.json")
 @public
 def openapi():
-    return jsonify(build_document(current_app))
+    extensions = current_app.extensions
+    return jsonify(build_document(extensions["settings"], extensions["generate_fields"], extensions["edge_fields"]))

@@ -1,6 +1,10 @@
-"""Asynchronous jobs: records (store.py) and their runs on the generation service (manager.py)."""
+"""Asynchronous jobs: records and their statuses (store.py), their runs on the generation service
+(manager.py), and how callers see them (view.py)."""
 
-from service.jobs.manager import JobEvent, JobManager, describe
-from service.jobs.store import FINISHED, STATUSES, Job, JobStore
+from service.jobs.manager import JobEvent, JobManager
+from service.jobs.store import FINISHED, Job, JobStatus, JobStore
+from service.jobs.view import JobProgress, JobView, describe
 
-__all__ = ["FINISHED", "STATUSES", "Job", "JobEvent", "JobManager", "JobStore", "describe"]
+__all__ = [
+    "FINISHED", "Job", "JobEvent", "JobManager", "JobProgress", "JobStatus", "JobStore", "JobView", "describe",
+]

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from service.fields import MAX_SEED
 from service.interface import GenerationService
-from service.jobs.store import Job, JobStore
+from service.jobs.store import Job, JobStatus, JobStore
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
 from stable_diffusion.image_processing import encode_png, thumbnail
 from stable_diffusion.recipe import GenerationEvent, Started
@@ -87,7 +87,9 @@ class JobManager:
         record and no file. The seed is drawn here, so that the record shows it from the start."""
         if fields.seed is None:
             fields = fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-        job = Job(id=job_id, owner=owner, status="queued", step=0, total=0, seed=fields.seed, created_at=time.time())
+        job = Job(
+            id=job_id, owner=owner, status=JobStatus.QUEUED, step=0, total=0, seed=fields.seed, created_at=time.time()
+        )
         self.store.add(job)
         self._running[job_id] = _Running()
         try:
@@ -119,14 +121,14 @@ class JobManager:
         # A queued job's future cancels (and _finish records it); a running one stops at its next step.
         if self.service.cancel(job_id, owner) and job_id not in self._running:
             # Another process of the service submitted it (QUEUE_BACKEND=celery): it never runs now.
-            self._record(job_id, status="canceled", error=CANCELED_QUEUED, finished_at=time.time())
+            self._record(job_id, status=JobStatus.CANCELED, error=CANCELED_QUEUED, finished_at=time.time())
         return self.store.get(job_id)
 
     def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
         """The result file, open for reading, with its MIME type and extension. Opened here, so a file
         removed under a job (by the retention janitor, or by hand) is a 410, not a failure to send it."""
         job = self.get(job_id, owner)
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             raise Conflict(
                 f"Job {job_id} is {job.status}; its result exists only once it has succeeded"
                 + ("." if job.finished else ": watch GET /jobs/<id>/events or poll GET /jobs/<id>.")
@@ -233,7 +235,7 @@ class JobManager:
         """Runs on the GPU's thread: record progress, stop a canceled run."""
         running = self._running.get(job_id)
         if isinstance(event, Started):
-            self._record(job_id, status="running", step=0, total=event.total, started_at=time.time())
+            self._record(job_id, status=JobStatus.RUNNING, step=0, total=event.total, started_at=time.time())
             return
         if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
             running.preview_at = time.monotonic()
@@ -243,20 +245,20 @@ class JobManager:
     def _finish(self, job_id: str, future) -> None:
         """The job's future is done: record how it ended (the service saved its output already)."""
         if future.cancelled():
-            changes = {"status": "canceled", "error": CANCELED_QUEUED}
+            changes = {"status": JobStatus.CANCELED, "error": CANCELED_QUEUED}
         elif isinstance(error := future.exception(), GenerationCanceled):
-            changes = {"status": "canceled", "error": error.message}
+            changes = {"status": JobStatus.CANCELED, "error": error.message}
         elif isinstance(error, ServiceError):
-            changes = {"status": "failed", "error": error.message}
+            changes = {"status": JobStatus.FAILED, "error": error.message}
         elif error is not None:
-            changes = {"status": "failed", "error": f"Generation failed ({type(error).__name__})."}
+            changes = {"status": JobStatus.FAILED, "error": f"Generation failed ({type(error).__name__})."}
         else:
             output = future.result()
             if getattr(self.store, "keeps_results", False):
                 self.store.put_result(job_id, output.data)
             job = self.store.get(job_id)
             changes = {
-                "status": "succeeded", "result_file": output.file_name, "result_type": output.mimetype,
+                "status": JobStatus.SUCCEEDED, "result_file": output.file_name, "result_type": output.mimetype,
                 "step": job.total if job else 0,
             }
         self._running.pop(job_id, None)
@@ -267,30 +269,4 @@ class JobManager:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
-
-
-def describe(job: Job, position: int | None) -> dict[str, object]:
-    """The job as callers see it (no owner, no file names). `queue_position` is always there, so a
-    client can read it without checking: null once the job left the queue (running or finished)."""
-    shown = {
-        "id": job.id,
-        "status": job.status,
-        "progress": {"step": job.step, "total": job.total},
-        "queue_position": position if job.status == "queued" else None,
-        "seed": job.seed,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-    }
-    if job.error:
-        shown["error"] = job.error
-    if job.result_type:
-        shown["result_type"] = job.result_type
-    return shown
-
-
-def _iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
 

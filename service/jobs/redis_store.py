@@ -9,7 +9,7 @@ from dataclasses import fields
 import redis
 
 from service.distributed.ledger import PREFIX, reachable
-from service.jobs.store import STATUSES, Job
+from service.jobs.store import Job, JobStatus
 from stable_diffusion.errors import StorageFull
 
 FINISHED_INDEX = PREFIX + "jobs:finished"
@@ -75,7 +75,7 @@ class RedisJobStore:
         return [job for job in jobs if job is not None and not job.finished]
 
     def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(JobStatus, 0)
         with reachable():
             keys = list(self.redis.scan_iter(match=_key("*"), count=1000))
             pipe = self.redis.pipeline()
@@ -83,7 +83,7 @@ class RedisJobStore:
                 pipe.hget(key, "status")
             for status in pipe.execute():
                 if status:
-                    counts[json.loads(status)] = counts.get(json.loads(status), 0) + 1
+                    counts[JobStatus(json.loads(status))] += 1
         return counts
 
     def put_result(self, job_id: str, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -10,8 +11,20 @@ from pathlib import Path
 
 from stable_diffusion.errors import StorageFull
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-FINISHED = frozenset({"succeeded", "failed", "canceled"})
+
+# The one list of job statuses: the store, the manager and the OpenAPI document use it; the client and the
+# page, which cannot import it, are pinned to it by tests/test_job_statuses.py. Its docstring is the document's.
+class JobStatus(enum.StrEnum):
+    """queued -> running -> succeeded or failed; a job is canceled from queued or running."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,7 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 class Job:
     id: str
     owner: str
-    status: str
+    status: JobStatus
     step: int
     total: int
     seed: int
@@ -47,6 +60,10 @@ class Job:
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # Records read back from SQLite carry plain strings; an unknown one fails here, not in an answer.
+        object.__setattr__(self, "status", JobStatus(self.status))
 
     @property
     def finished(self) -> bool:
@@ -105,8 +122,8 @@ class JobStore:
         """Jobs a previous process left queued or running can never finish: mark them failed."""
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('queued', 'running')",
-                (message, time.time()),
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE status IN (?, ?)",
+                (JobStatus.FAILED, message, time.time(), JobStatus.QUEUED, JobStatus.RUNNING),
             )
         return cursor.rowcount
 
@@ -120,7 +137,7 @@ class JobStore:
     def count_by_status(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {status: 0 for status in STATUSES} | dict(rows)
+        return {status.value: 0 for status in JobStatus} | dict(rows)
 
     def close(self) -> None:
         with self._lock:
