@@ -117,9 +117,11 @@ def test_a_job_taken_on_one_host_is_watched_fetched_and_canceled_on_another(clus
         _wait_listening(second_host)
         here = Client(first_host.url, API_KEY, verify=str(first_host.cert))
         there = Client(second_host.url, API_KEY, verify=str(second_host.cert))
-        job = here.submit(png_bytes(), "a windmill", seed=12, steps=3)
-        statuses = [data["status"] for kind, data in there.events(job["id"]) if kind == "status"]
-        assert statuses[-1] == "succeeded"
+        job = here.submit(png_bytes(), "a windmill", seed=12, steps=16, resolution=128)
+        events = list(there.events(job["id"]))
+        assert events[-1][0] == "status" and events[-1][1]["status"] == "succeeded"
+        previews = [data for kind, data in events if kind == "preview"]
+        assert previews and previews[0]["image"].startswith("data:image/png;base64,"), [kind for kind, _ in events]
         assert there.result(job["id"]) == here.result(job["id"])
         assert not list((tmp_path / "output_images").glob("*")), "the other host's result stays on its host"
         with pytest.raises(Exception, match="404|No job"):

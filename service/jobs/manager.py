@@ -175,9 +175,9 @@ class JobManager:
             elif latest.step != job.step:
                 told = True
                 yield JobEvent("progress", latest)
-            running = self._running.get(job_id)
-            if running is not None and running.preview_png is not sent_preview and running.preview_png:
-                sent_preview, told = running.preview_png, True
+            preview = self._latest_preview(job_id)
+            if preview and preview != sent_preview and not latest.finished:
+                sent_preview, told = preview, True
                 yield JobEvent("preview", latest, sent_preview)
             if told:
                 quiet_since = time.monotonic()
@@ -185,6 +185,13 @@ class JobManager:
                 quiet_since = time.monotonic()
                 yield None
             job = latest
+
+    def _latest_preview(self, job_id: str) -> bytes | None:
+        running = self._running.get(job_id)
+        if running is not None:
+            return running.preview_png
+        # Followed by another web process (QUEUE_BACKEND=celery): it shares its previews through the store.
+        return self.store.get_preview(job_id) if getattr(self.store, "keeps_results", False) else None
 
     def _changed_since(self, seen: int) -> bool:
         return self._version != seen or self._closed.is_set()
@@ -240,6 +247,8 @@ class JobManager:
         if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
             running.preview_at = time.monotonic()
             running.preview_png = encode_png(thumbnail(event.preview(), PREVIEW_SIZE))
+            if getattr(self.store, "keeps_results", False):
+                self.store.put_preview(job_id, running.preview_png)
         self._record(job_id, step=event.step, total=event.total)
 
     def _finish(self, job_id: str, future) -> None:

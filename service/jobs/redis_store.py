@@ -13,6 +13,8 @@ from service.jobs.store import Job, JobStatus
 from stable_diffusion.errors import StorageFull
 
 FINISHED_INDEX = PREFIX + "jobs:finished"
+# A running job's latest preview, for watchers on other web processes.
+PREVIEW_TTL_S = 120
 
 
 def _key(job_id: str) -> str:
@@ -93,6 +95,14 @@ class RedisJobStore:
     def get_result(self, job_id: str) -> bytes | None:
         with reachable():
             return self.redis.get(_result_key(job_id))
+
+    def put_preview(self, job_id: str, png: bytes) -> None:
+        with reachable():
+            self.redis.set(f"{PREFIX}job-preview:{job_id}", png, ex=PREVIEW_TTL_S)
+
+    def get_preview(self, job_id: str) -> bytes | None:
+        with reachable():
+            return self.redis.get(f"{PREFIX}job-preview:{job_id}")
 
     def close(self) -> None:
         self.redis.close()
