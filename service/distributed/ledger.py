@@ -39,6 +39,15 @@ return {0, queued}
 """
 
 
+# KEYS: the lease. ARGV: the follower, ttl. Renewed when it is the follower's or free; 0 when another's.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
 def owner_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner}"
 
@@ -86,6 +95,7 @@ class Ledger:
         self.redis = client
         self.queue_size, self.max_per_owner, self.horizon_s = queue_size, max_per_owner, horizon_s
         self._reserve = client.register_script(_RESERVE)
+        self._renew = client.register_script(_RENEW)
 
     def check(self, owner: str) -> None:
         """Raise now what `reserve` would (without reserving)."""
@@ -161,6 +171,10 @@ class Ledger:
         """The web process `follower` reads the request's replies (a lease, renewed while it does);
         `first`: only when nobody holds it (a follower whose process died lets its lease lapse)."""
         return bool(self.redis.set(follow_key(request_id), follower, ex=HEARTBEAT_TTL_S, nx=first))
+
+    def renew_hold(self, request_id: str, follower: str) -> bool:
+        """Renew `follower`'s lease; False when another follower holds it."""
+        return bool(self._renew(keys=[follow_key(request_id)], args=[follower, HEARTBEAT_TTL_S]))
 
     def queue_depth(self) -> int:
         with reachable():

@@ -93,6 +93,8 @@ class CeleryGenerationService(GenerationService):
     def submit(
         self, fields: BaseModel, upload: bytes, owner: str, request_id: str, on_event: EventHandler | None = None
     ) -> Submission:
+        with reachable():
+            self._ledger.hold(request_id, self._name)
         prepared = self._uploads.prepare(fields, upload, request_id)
         try:
             self._ledger.reserve(owner, request_id)
@@ -110,7 +112,6 @@ class CeleryGenerationService(GenerationService):
             self._ledger.release(owner, request_id)
             self._uploads.discard(prepared)
             raise
-        self._ledger.hold(request_id, self._name)
         future = self._start_following(request_id, owner, on_event)
         request = prepared.request
         return Submission(request_id, request.seed, request.size, prepared.input_file, future)
@@ -170,7 +171,10 @@ class CeleryGenerationService(GenerationService):
         try:
             while not future.done() and not self._closing.is_set():
                 try:
-                    self._ledger.hold(request_id, self._name)
+                    if not self._ledger.renew_hold(request_id, self._name):
+                        # Another web process took the request over (this one stalled past its lease).
+                        log.warning("request %s: another web process follows it now", request_id)
+                        return
                     reply = self._ledger.next_reply(request_id, POLL_S)
                 except (redis.ConnectionError, redis.TimeoutError):
                     # Redis is away: keep waiting (a waiting client times out by itself).
@@ -186,11 +190,13 @@ class CeleryGenerationService(GenerationService):
                 ))
         finally:
             self._followers.pop(request_id, None)
-            try:
-                self._ledger.release(owner, request_id)
-                self._ledger.forget(request_id)
-            except (redis.ConnectionError, redis.TimeoutError):
-                pass
+            # Unfinished (this process stops, or another took over): its replies stay for the one who adopts it.
+            if future.done():
+                try:
+                    self._ledger.release(owner, request_id)
+                    self._ledger.forget(request_id)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
 
     def _take(self, reply: dict, future: Future, request_id: str, on_event, preview: _LatestPreview) -> None:
         kind = reply["kind"]

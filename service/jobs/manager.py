@@ -34,6 +34,7 @@ PREVIEW_SIZE = 256
 STORE_POLL_S = 0.5
 # How often a web process looks for jobs nobody follows any more (their process died).
 ADOPT_INTERVAL_S = 5.0
+ADOPT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class JobManager:
         self._changed = threading.Condition()
         self._version = 0
         self._closed = threading.Event()
+        self._sole_process = sole_process
         interrupted = store.fail_unfinished(INTERRUPTED) if sole_process else 0
         if interrupted:
             log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
@@ -158,8 +160,9 @@ class JobManager:
         sent_preview: bytes | None = None
         quiet_since = time.monotonic()
         while not job.finished:
-            # A job another process follows (QUEUE_BACKEND=celery) changes in the store only: look there often.
-            here = job_id in self._running
+            # With a shared store (QUEUE_BACKEND=celery) another process may record the job's changes: look
+            # there often. Alone, every change comes through this process and wakes the wait.
+            here = job_id in self._running and self._sole_process
             with self._changed:
                 self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s if here else STORE_POLL_S)
                 news, seen = self._version != seen, self._version
@@ -227,7 +230,8 @@ class JobManager:
         while not self._closed.wait(ADOPT_INTERVAL_S):
             try:
                 for job in self.store.unfinished():
-                    if job.id in self._running:
+                    # A job just taken is not an orphan: its process takes its lease within moments.
+                    if job.id in self._running or time.time() - job.created_at < ADOPT_GRACE_S:
                         continue
                     self._running[job.id] = _Running()
                     future = self.service.adopt(job.id, job.owner, partial(self._on_event, job.id))
