@@ -159,11 +159,11 @@ class CeleryGenerationService(GenerationService):
         self._observers.append(observer)
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait (up to `timeout`) for the outputs of what this process submitted, then stop following."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for follower, _ in list(self._followers.values()):
-            follower.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        """Stop following at once: GPU workers run what was queued whatever happens here, and the replies
+        wait in Redis for the web process that adopts the jobs (a /generate client has had its answer by now)."""
         self._closing.set()
+        for follower, _ in list(self._followers.values()):
+            follower.join(POLL_S + 1)
 
     def _follow(self, future: Future, request_id: str, owner: str, on_event: EventHandler | None) -> None:
         """Hand the task's replies to `on_event` and `future` until its output or error arrives."""
