@@ -140,7 +140,7 @@ class JobManager:
             return path.open("rb"), job.result_type, path.suffix
         except FileNotFoundError:
             # Another host answered the job (QUEUE_BACKEND=celery): the store keeps a copy.
-            kept = self.store.get_result(job_id) if getattr(self.store, "keeps_results", False) else None
+            kept = self.store.get_result(job_id)
             if kept is not None:
                 return io.BytesIO(kept), job.result_type, path.suffix
             raise Gone(
@@ -194,7 +194,7 @@ class JobManager:
         if running is not None:
             return running.preview_png
         # Followed by another web process (QUEUE_BACKEND=celery): it shares its previews through the store.
-        return self.store.get_preview(job_id) if getattr(self.store, "keeps_results", False) else None
+        return self.store.get_preview(job_id)
 
     def _changed_since(self, seen: int) -> bool:
         return self._version != seen or self._closed.is_set()
@@ -251,8 +251,7 @@ class JobManager:
         if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
             running.preview_at = time.monotonic()
             running.preview_png = encode_png(thumbnail(event.preview(), PREVIEW_SIZE))
-            if getattr(self.store, "keeps_results", False):
-                self.store.put_preview(job_id, running.preview_png)
+            self.store.put_preview(job_id, running.preview_png)
         self._record(job_id, step=event.step, total=event.total)
 
     def _finish(self, job_id: str, future) -> None:
@@ -267,8 +266,7 @@ class JobManager:
             changes = {"status": JobStatus.FAILED, "error": f"Generation failed ({type(error).__name__})."}
         else:
             output = future.result()
-            if getattr(self.store, "keeps_results", False):
-                self.store.put_result(job_id, output.data)
+            self.store.put_result(job_id, output.data)
             job = self.store.get(job_id)
             changes = {
                 "status": JobStatus.SUCCEEDED, "result_file": output.file_name, "result_type": output.mimetype,

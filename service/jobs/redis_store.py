@@ -28,8 +28,6 @@ def _result_key(job_id: str) -> str:
 class RedisJobStore:
     """The JobStore interface on Redis: one hash per job (each field JSON), an index of finished jobs by time."""
 
-    keeps_results = True
-
     def __init__(self, client: redis.Redis, retention_s: float) -> None:
         self.redis, self.retention_s = client, retention_s
         self._columns = [field.name for field in fields(Job)]

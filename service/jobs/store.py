@@ -139,6 +139,19 @@ class JobStore:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status.value: 0 for status in JobStatus} | dict(rows)
 
+    # One process answers every job here: the result is its file in OUTPUT_DIR, the preview in memory.
+    def put_result(self, job_id: str, data: bytes) -> None:
+        pass
+
+    def get_result(self, job_id: str) -> bytes | None:
+        return None
+
+    def put_preview(self, job_id: str, png: bytes) -> None:
+        pass
+
+    def get_preview(self, job_id: str) -> bytes | None:
+        return None
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
