@@ -22,12 +22,14 @@ CLIENTS = (1, 4, 8)
 BATCH_SIZES = (1, 8)
 
 
-def images_per_second(url: str, cert: str, clients: int, per_client: int, fields: dict, upload: bytes) -> float:
+def images_per_second(
+    url: str, cert: str, clients: int, per_client: int, fields: dict, upload: bytes, key: str = KEY
+) -> float:
     def client(_) -> None:
         with requests.Session() as session:
             for _ in range(per_client):
                 response = session.post(
-                    f"{url}/generate", headers={"x-api-key": KEY}, files={"image": ("p.png", upload)},
+                    f"{url}/generate", headers={"x-api-key": key}, files={"image": ("p.png", upload)},
                     data=fields, verify=cert, timeout=600,
                 )
                 response.raise_for_status()

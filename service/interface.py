@@ -5,6 +5,8 @@ this process, and a distributed backend plugs in here next."""
 from __future__ import annotations
 
 import enum
+import os
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,6 +57,11 @@ _NOT_READY = {
 }
 
 
+def process_name() -> str:
+    """host:pid: how a process that runs the model is named in X-Worker, api.log and /metrics."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class RenderedOutput:
     """A finished generation as the caller gets it: the file's bytes, saved as `file_name` in OUTPUT_DIR."""
@@ -63,6 +70,8 @@ class RenderedOutput:
     mimetype: str
     file_name: str
     seconds: float
+    # The process that ran the model (process_name()): answered as X-Worker and logged.
+    worker: str
 
 
 @dataclass(frozen=True)

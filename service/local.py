@@ -9,7 +9,7 @@ from functools import partial
 
 from pydantic import BaseModel
 
-from service.interface import GenerationService, RenderedOutput, ResultObserver, ServiceState, Submission
+from service.interface import GenerationService, RenderedOutput, ResultObserver, ServiceState, Submission, process_name
 from service.rendering import render_output
 from service.settings import Settings
 from service.storage import write_atomically
@@ -80,7 +80,7 @@ class LocalGenerationService(GenerationService):
         rendered = render_output(prepared.request, result, prepared.upload, self._worker.generator.model_name)
         file_name = f"{prepared.stem}.{rendered.extension}"
         write_atomically(self._output_dir / file_name, rendered.data)
-        return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds)
+        return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, process_name())
 
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
         return self._uploads.edge_map(fields, upload)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,18 +15,26 @@ import redis
 
 from service.settings import REPO_ROOT
 from tests.conftest import free_port, tiny_environment
+from web.tls import ensure_certificate
 
 
 class RedisServer:
-    """redis-server on a free loopback port, nothing written to disk (scripts/install_redis.sh installs it)."""
+    """redis-server on a free loopback port, nothing written to disk (scripts/install_redis.sh installs it).
+    With `tls`, it speaks only TLS, with a self-signed certificate that clients verify (rediss://)."""
 
-    def __init__(self, folder: Path, password: str | None = None, port: int | None = None) -> None:
-        self.folder, self.port, self.password = folder, port or free_port(), password
+    def __init__(self, folder: Path, password: str | None = None, port: int | None = None, tls: bool = False) -> None:
+        self.folder, self.port, self.password, self.tls = folder, port or free_port(), password, tls
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/install_redis.sh (make test does)")
-        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(folder)]
+        command = [executable, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+        if tls:
+            ensure_certificate(self.certificate, folder / "redis-key.pem")
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.certificate),
+                        "--tls-key-file", str(folder / "redis-key.pem"), "--tls-ca-cert-file", str(self.certificate),
+                        "--tls-auth-clients", "no"]
+        else:
+            command += ["--port", str(self.port)]
         if password:
             command += ["--requirepass", password]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -39,8 +48,14 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     @property
+    def certificate(self) -> Path:
+        return self.folder / "redis-cert.pem"
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificate}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
@@ -53,7 +68,7 @@ class RedisServer:
     def restart(self) -> None:
         """The same address again, empty (it kept nothing on disk)."""
         self.stop()
-        self.__init__(self.folder, self.password, self.port)
+        self.__init__(self.folder, self.password, self.port, self.tls)
 
 
 class GpuWorker:
@@ -73,6 +88,11 @@ class GpuWorker:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def process_name(self) -> str:
+        """What X-Worker says for a request this worker ran."""
+        return f"{socket.gethostname()}:{self.process.pid}"
 
     def wait_until_ready(self, client: redis.Redis, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import requests
 from PIL import Image
 
+from service.distributed.celery_app import make_celery
+from service.distributed.ledger import claim_key, connect
+from service.settings import REPO_ROOT
 from stable_diffusion.client import Client
-from tests.conftest import API_KEY, SECOND_KEY, LiveServer
+from tests.conftest import API_KEY, SECOND_KEY, LiveServer, free_port, tiny_environment, tiny_settings
 from tests.images import png_bytes
 from tests.processes import GpuWorker, RedisServer
 
@@ -49,19 +56,25 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One Redis, one GPU worker, one gunicorn with two web processes."""
+    """One Redis (TLS, with a password), two GPU workers, one gunicorn with two web processes."""
     folder = tmp_path_factory.mktemp("cluster")
-    broker = RedisServer(folder, password=REDIS_PASSWORD)
-    # Companions get half a second to arrive, so that concurrent requests meet in one batch.
-    worker = GpuWorker(folder, "gpu-1", REDIS_URL=broker.url, BATCH_WAIT_MS="500", **CELERY)
+    broker = RedisServer(folder, password=REDIS_PASSWORD, tls=True)
+    # Companions get half a second to arrive, so that concurrent requests meet in one batch; a worker takes
+    # at most BATCH_SIZE tasks at once, so eight requests need both.
+    workers = [
+        GpuWorker(folder, name, REDIS_URL=broker.url, BATCH_WAIT_MS="500", BATCH_SIZE="4", **CELERY)
+        for name in ("gpu-1", "gpu-2")
+    ]
     web = LiveServer(folder, REDIS_URL=broker.url, **CELERY)
     try:
-        worker.wait_until_ready(broker.client())
+        for worker in workers:
+            worker.wait_until_ready(broker.client())
         web.wait_until_healthy()
-        yield broker, worker, web
+        yield broker, workers, web
     finally:
         web.stop()
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         broker.stop()
 
 
@@ -76,24 +89,91 @@ def test_same_seed_gives_the_same_pixels_as_local_mode(cluster, live_server):
     assert any(path.read_bytes() == distributed.content for path in saved), "the web host keeps the result"
 
 
+def test_rediss_verifies_the_redis_certificate(cluster, tmp_path):
+    broker, _, _ = cluster
+    assert broker.url.startswith("rediss://") and "ssl_ca_certs=" in broker.url
+    # The system's CAs alone do not know the test Redis's self-signed certificate: both clients refuse it.
+    untrusted = broker.url.split("?")[0]
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        connect(untrusted).ping()
+    for url, trusted in ((untrusted, False), (broker.url, True)):
+        celery = make_celery(tiny_settings(tmp_path, QUEUE_BACKEND="celery", REDIS_URL=url))
+        with celery.connection_for_write() as connection:
+            if trusted:
+                connection.ensure_connection(max_retries=1)
+            else:
+                with pytest.raises(Exception, match="certificate verify failed"):
+                    connection.ensure_connection(max_retries=1)
+
+
 def test_ready_counts_the_gpu_workers(cluster):
     _, _, web = cluster
     body = ready(web).json()
-    assert body["status"] == "ready" and body["gpu_workers"] == 1
+    assert body["status"] == "ready" and body["gpu_workers"] == 2
+
+
+def test_concurrent_requests_are_answered_by_both_gpu_workers(cluster):
+    _, workers, web = cluster
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda seed: post(web, seed=str(seed), steps="2"), range(8)))
+    assert [answer.status_code for answer in answers] == [200] * 8, [answer.text for answer in answers]
+    names = {worker.process_name for worker in workers}
+    ran = [answer.headers["X-Worker"] for answer in answers]
+    assert set(ran) == names, ran
+    # The web host's api.log says which worker ran each request, and so does that worker's own log.
+    log = (web.folder / "api.log").read_text()
+    for answer in answers:
+        worker = next(worker for worker in workers if worker.process_name == answer.headers["X-Worker"])
+        request_id = answer.headers["X-Request-ID"]
+        assert f"worker={answer.headers['X-Worker']}" in next(line for line in log.splitlines() if request_id in line)
+        assert request_id in worker.output()
 
 
 def test_web_processes_load_no_model_and_metrics_come_from_the_workers(cluster):
-    broker, worker, web = cluster
+    broker, workers, web = cluster
     pid = web.process.pid
     children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     assert len(children) == 2
     for process in [pid, *children]:
         assert "libtorch" not in Path(f"/proc/{process}/maps").read_text(), "a web process loaded torch"
     text = requests.get(f"{web.url}/metrics", headers={"x-api-key": API_KEY}, verify=str(web.cert), timeout=10).text
-    assert 'gpu_workers{state="ready"} 1.0' in text and "queue_depth 0.0" in text
+    assert 'gpu_workers{state="ready"} 2.0' in text and "queue_depth 0.0" in text
     assert "gpu_worker_running{worker=" in text
-    for output in (web.output(), worker.output(), (web.folder / "api.log").read_text()):
+    for output in (web.output(), *(worker.output() for worker in workers), (web.folder / "api.log").read_text()):
         assert REDIS_PASSWORD not in output
+
+
+def test_flower_sees_the_gpu_workers_and_the_queue(cluster, tmp_path):
+    """DEPLOY.md's Flower command, with basic auth, against the same (TLS) Redis."""
+    broker, workers, _ = cluster
+    port = free_port()
+    environment = os.environ | tiny_environment(tmp_path, QUEUE_BACKEND="celery", REDIS_URL=broker.url)
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "service.gpu_worker", "flower", "--address=127.0.0.1",
+         f"--port={port}", "--basic-auth=ops:flower-secret-9d2"],
+        cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                listed = requests.get(f"{url}/api/workers?refresh=1", auth=("ops", "flower-secret-9d2"), timeout=30)
+                if listed.ok and len(listed.json()) == 2:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and flower.poll() is None, "Flower did not list the GPU workers"
+            time.sleep(0.5)
+        assert sorted(name.rsplit("-", 1)[1] for name in listed.json()) == sorted(
+            str(worker.process.pid) for worker in workers
+        )
+        queues = requests.get(f"{url}/api/queues/length", auth=("ops", "flower-secret-9d2"), timeout=30).json()
+        assert {"name": "generation", "messages": 0} in queues["active_queues"]
+        assert requests.get(f"{url}/api/workers", timeout=10).status_code == 401
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
 
 
 def test_a_job_runs_on_the_gpu_worker_and_is_seen_by_every_web_process(cluster):
@@ -150,14 +230,16 @@ def test_a_job_whose_web_host_dies_is_finished_by_another(cluster, tmp_path):
     assert Image.open(io.BytesIO(there.result(job["id"]))).size[0] == 128
 
 
-def test_requests_that_arrive_together_share_one_run_on_the_gpu_worker(cluster):
-    _, worker, web = cluster
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda seed: post(web, seed=str(seed), steps="2"), (1, 2, 3)))
-    assert [answer.status_code for answer in answers] == [200, 200, 200]
-    shared = [line for line in worker.output().splitlines() if "share one run" in line]
-    assert any(line.count(",") >= 1 for line in shared), worker.output()[-2000:]
-    assert len({answer.content for answer in answers}) == 3
+def test_requests_that_arrive_together_share_one_run_on_a_gpu_worker(cluster):
+    _, workers, web = cluster
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda seed: post(web, seed=str(seed), steps="2"), (1, 2, 3, 4, 5)))
+    assert [answer.status_code for answer in answers] == [200] * 5
+    # Five tasks, two workers of four slots: at least two of them meet on one worker.
+    request_ids = [answer.headers["X-Request-ID"] for answer in answers]
+    shared = [line for worker in workers for line in worker.output().splitlines() if "share one run" in line]
+    assert any(sum(request_id in line for request_id in request_ids) >= 2 for line in shared), shared
+    assert len({answer.content for answer in answers}) == 5
 
 
 def test_without_gpu_workers_ready_is_503_and_jobs_wait_for_one(tmp_path):
@@ -236,7 +318,7 @@ def test_per_key_caps_and_rate_limits_hold_across_web_processes(tmp_path):
 
 
 def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
-    broker, worker, web = cluster
+    broker, workers, web = cluster
     broker.stop()
     try:
         started = time.monotonic()
@@ -251,52 +333,59 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
     # Celery's consumer reconnects with a growing back-off (up to about 20 s here).
     deadline = time.monotonic() + 120
     while ready(web).status_code != 200:
-        assert time.monotonic() < deadline, worker.output()[-3000:]
+        assert time.monotonic() < deadline, workers[0].output()[-3000:]
         time.sleep(0.5)
     again = post(web, seed="7", steps="2")
     assert again.status_code == 200, again.text
 
 
-def test_a_killed_gpu_worker_loses_no_job(tmp_path):
-    """SIGKILL mid-generation: the task goes back to the queue and another worker runs it."""
-    broker = RedisServer(tmp_path)
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two GPU workers for the tests that stop one, behind their own Redis and web tier. Tasks held longer
+    than 5 s go back to the queue, so a killed worker's task is handed out again within seconds."""
+    folder = tmp_path_factory.mktemp("pair")
+    broker = RedisServer(folder)
     settings = {"REDIS_URL": broker.url, "TASK_VISIBILITY_TIMEOUT_S": "5", **CELERY}
-    doomed = GpuWorker(tmp_path, "doomed", **settings)
-    web = LiveServer(tmp_path, **settings)
-    spare = None
+    workers = [GpuWorker(folder, name, **settings) for name in ("left", "right")]
+    web = LiveServer(folder, **settings)
     try:
-        doomed.wait_until_ready(broker.client())
+        for worker in workers:
+            worker.wait_until_ready(broker.client())
         web.wait_until_healthy()
-        client = Client(web.url, API_KEY, verify=str(web.cert))
-        job = client.submit(png_bytes(), "a slow one", steps=40, resolution=128, seed=9)
-        wait_for(client, job["id"], "running")
-        doomed.signal(signal.SIGKILL)
-        spare = GpuWorker(tmp_path, "spare", **settings)
-        assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"
-        assert job["id"] in spare.output()
+        yield broker, workers, web
     finally:
-        for process in (spare, doomed):
-            if process is not None:
-                process.stop()
         web.stop()
+        for worker in workers:
+            worker.stop()
         broker.stop()
 
 
-def test_sigterm_on_a_gpu_worker_finishes_its_batch_first(tmp_path):
-    broker = RedisServer(tmp_path)
-    settings = {"REDIS_URL": broker.url, **CELERY}
-    worker = GpuWorker(tmp_path, "leaving", **settings)
-    web = LiveServer(tmp_path, **settings)
-    try:
-        worker.wait_until_ready(broker.client())
-        web.wait_until_healthy()
-        client = Client(web.url, API_KEY, verify=str(web.cert))
-        job = client.submit(png_bytes(), "finish me", steps=20, resolution=128)
-        wait_for(client, job["id"], "running")
-        worker.signal(signal.SIGTERM)
-        assert wait_for(client, job["id"], "succeeded", "failed")["status"] == "succeeded"
-        assert worker.process.wait(timeout=60) == 0
-    finally:
-        worker.stop()
-        web.stop()
-        broker.stop()
+def running_on(broker: RedisServer, workers: list[GpuWorker], client: Client, job_id: str) -> GpuWorker:
+    """The worker that runs the job (holds its claim), once it runs."""
+    wait_for(client, job_id, "running")
+    holder = broker.client().get(claim_key(job_id))
+    return next(worker for worker in workers if holder and holder.decode() == worker.process_name)
+
+
+def test_a_killed_gpu_worker_loses_no_job(pair):
+    """SIGKILL mid-generation: the task goes back to the queue and the other worker runs it."""
+    broker, workers, web = pair
+    client = Client(web.url, API_KEY, verify=str(web.cert))
+    job = client.submit(png_bytes(), "a slow one", steps=40, resolution=128, seed=9)
+    doomed = running_on(broker, workers, client, job["id"])
+    doomed.signal(signal.SIGKILL)
+    assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"
+    [survivor] = [worker for worker in workers if worker is not doomed]
+    assert f"request {job['id']}: done" in survivor.output()
+    assert Image.open(io.BytesIO(client.result(job["id"]))).size[0] == 128
+
+
+def test_sigterm_on_a_gpu_worker_finishes_its_batch_first(pair):
+    broker, workers, web = pair
+    client = Client(web.url, API_KEY, verify=str(web.cert))
+    job = client.submit(png_bytes(), "finish me", steps=20, resolution=128)
+    leaving = running_on(broker, workers, client, job["id"])
+    leaving.signal(signal.SIGTERM)
+    assert wait_for(client, job["id"], "succeeded", "failed")["status"] == "succeeded"
+    assert leaving.process.wait(timeout=60) == 0
+    assert f"request {job['id']}: done" in leaving.output()

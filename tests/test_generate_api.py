@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import socket
 import struct
 import zlib
 
@@ -52,6 +54,7 @@ def test_generate_returns_a_png_of_the_requested_size_and_saves_it(client, setti
     image = Image.open(io.BytesIO(response.data))
     assert image.format == "PNG" and image.size == (256, 192)
     assert response.headers["X-Seed"] == "7"
+    assert response.headers["X-Worker"] == f"{socket.gethostname()}:{os.getpid()}", "this process ran the model"
     assert len(response.headers["X-Request-ID"]) >= 16
     saved_name = response.headers["Content-Disposition"].split("filename=")[1]
     assert saved_name.endswith(".png")

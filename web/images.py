@@ -33,9 +33,10 @@ def generate():
     submission = service.submit(fields, upload, g.owner, g.request_id)
     g.log_fields.update(image="{}x{}".format(*submission.size), prompt_chars=len(fields.prompt))
     output = submission.wait(settings.generation_timeout_s)
-    g.log_fields["generation_s"] = round(output.seconds, 3)
+    g.log_fields.update(generation_s=round(output.seconds, 3), worker=output.worker)
     response = send_file(
         io.BytesIO(output.data), mimetype=output.mimetype, as_attachment=True, download_name=output.file_name
     )
     response.headers["X-Seed"] = str(submission.seed)
+    response.headers["X-Worker"] = output.worker
     return response

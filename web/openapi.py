@@ -50,6 +50,7 @@ def build_document(settings: Settings, generate_fields: type[BaseModel], edge_fi
     ) | {
         "headers": {
             "X-Seed": {"schema": {"type": "integer"}, "description": "The seed used"},
+            "X-Worker": {"schema": {"type": "string"}, "description": "The process that ran the model (host:pid)"},
             "X-Request-ID": {"schema": {"type": "string"}},
         }
     }

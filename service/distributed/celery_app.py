@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from urllib.parse import parse_qs, urlsplit
+
 from celery import Celery
 
 from service.settings import Settings
@@ -35,5 +38,21 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=2,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        broker_use_ssl=tls_options(settings.redis_url),
     )
     return app
+
+
+CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def tls_options(url: str) -> dict | None:
+    """For rediss://: the URL's ssl_* parameters as Celery's broker_use_ssl, the certificate verified unless
+    the URL says ssl_cert_reqs=none. redis-py (the ledger, the job store) verifies by default; kombu would
+    not, and Flower reads only this setting, not the URL."""
+    if urlsplit(url).scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items() if key.startswith("ssl_")}
+    options = {key: query[key] for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if key in query}
+    wanted = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    return options | {"ssl_cert_reqs": CERT_REQS.get(wanted, ssl.CERT_REQUIRED)}

@@ -5,8 +5,6 @@ back to the web process through Redis, and stops a run whose request was cancele
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from functools import partial
@@ -16,7 +14,7 @@ import redis
 from service.distributed import wire
 from service.distributed.ledger import Ledger
 from service.errors import GenerationCanceled, ServiceError
-from service.interface import Generated, RenderedOutput, ServiceState
+from service.interface import Generated, RenderedOutput, ServiceState, process_name
 from service.jobs.manager import CANCELED_QUEUED, PREVIEW_INTERVAL_S, PREVIEW_SIZE
 from service.rendering import render_output
 from service.worker import GenerationWorker
@@ -30,7 +28,7 @@ HEARTBEAT_S = 3
 class GpuRunner:
     def __init__(self, worker: GenerationWorker, ledger: Ledger, device: str) -> None:
         self.worker, self.ledger, self.device = worker, ledger, device
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = process_name()
         self._stopped = threading.Event()
         # Requests this process runs; the heartbeat renews their claims.
         self._running: set[str] = set()
@@ -60,6 +58,7 @@ class GpuRunner:
             reply = wire.failed(error)
         finally:
             self._running.discard(request_id)
+        log.info("request %s: %s", request_id, reply["kind"])
         self.ledger.reply(request_id, reply)
         self.ledger.finish(request_id)
         self.ledger.release(owner, request_id)
@@ -95,7 +94,8 @@ class GpuRunner:
         self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult
     ) -> tuple[RenderedOutput, int]:
         rendered = render_output(request, result, upload, self.worker.generator.model_name)
-        output = RenderedOutput(rendered.data, rendered.mimetype, f"{stem}.{rendered.extension}", result.seconds)
+        file_name = f"{stem}.{rendered.extension}"
+        output = RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, self.name)
         return output, len(result.images)
 
     def _generated(self, generated: Generated) -> None:

@@ -5,8 +5,6 @@ replies (events, then the output) from Redis and saves the output here. No model
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from service import errors
 from service.distributed import wire
 from service.distributed.celery_app import GENERATE_TASK, make_celery
 from service.distributed.ledger import Ledger, QueueUnreachable, connect, reachable
-from service.interface import Generated, GenerationService, ResultObserver, ServiceState, Submission
+from service.interface import Generated, GenerationService, ResultObserver, ServiceState, Submission, process_name
 from service.local import upload_desk
 from service.settings import Settings
 from service.storage import write_atomically
@@ -48,7 +46,7 @@ class CeleryGenerationService(GenerationService):
         self._observers: list[ResultObserver] = []
         self._followers: dict[str, tuple[threading.Thread, Future]] = {}
         self._closing = threading.Event()
-        self._name = f"{socket.gethostname()}:{os.getpid()}"
+        self._name = process_name()
 
     @property
     def state(self) -> ServiceState:

@@ -47,7 +47,7 @@ def stepped(step: int, total: int, preview: Image.Image | None) -> dict:
 def done(output: RenderedOutput, images: int) -> dict:
     return {
         "kind": "done", "data": base64.b64encode(output.data).decode("ascii"), "mimetype": output.mimetype,
-        "file_name": output.file_name, "seconds": output.seconds, "images": images,
+        "file_name": output.file_name, "seconds": output.seconds, "worker": output.worker, "images": images,
     }
 
 
@@ -59,7 +59,8 @@ def failed(error: ServiceError) -> dict:
 
 
 def read_output(reply: dict) -> RenderedOutput:
-    return RenderedOutput(base64.b64decode(reply["data"]), reply["mimetype"], reply["file_name"], reply["seconds"])
+    data = base64.b64decode(reply["data"])
+    return RenderedOutput(data, reply["mimetype"], reply["file_name"], reply["seconds"], reply["worker"])
 
 
 def read_preview(reply: dict) -> Image.Image | None:
