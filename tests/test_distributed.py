@@ -323,7 +323,7 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
     try:
         started = time.monotonic()
         answer = post(web, timeout=30)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 2
         assert answer.status_code == 503 and "Redis" in answer.json()["error"] and answer.headers["Retry-After"]
         down = ready(web)
         assert down.status_code == 503 and down.json()["status"] == "unreachable"
