@@ -152,6 +152,8 @@ class LiveServer:
                 # Verified against the served certificate: up means a client can complete a handshake.
                 verify = str(self.cert) if self.url.startswith("https") else False
                 if requests.get(f"{self.url}/ready", headers={"x-api-key": API_KEY}, verify=verify, timeout=2).ok:
+                    # What start-up printed, before any test's requests add to it.
+                    self.start_up_output = self.output()
                     return
             except OSError:  # not listening yet, or (failing the test) no usable certificate
                 pass
@@ -175,9 +177,11 @@ class LiveServer:
             self.log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_server(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("live"))
+    """One default server for the whole run (each start costs about 10 s). Tests that change settings,
+    count files or stop the server start their own. No rate limit: modules in a row would share its minute."""
+    server = LiveServer(tmp_path_factory.mktemp("live"), RATE_LIMIT_PER_MINUTE="0")
     server.wait_until_healthy()
     yield server
     server.stop()

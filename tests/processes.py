@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from service.distributed.ledger import WORKERS
 from service.settings import REPO_ROOT
 from tests.conftest import free_port, tiny_environment
 from web.tls import ensure_certificate
@@ -99,9 +100,8 @@ class GpuWorker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"GPU worker exited with {self.process.returncode}: {self.output()}")
-            if b'"state": "ready"' in b"".join(
-                value or b"" for value in client.mget(list(client.scan_iter("sd:gpu-worker:*")) or ["-"])
-            ) and "ready" in self.output():
+            # Its own heartbeat: Celery prints "ready" before the model has loaded, and other workers beat too.
+            if b'"state": "ready"' in (client.get(f"{WORKERS}{self.process_name}") or b""):
                 return
             time.sleep(0.25)
         raise RuntimeError(f"GPU worker did not become ready: {self.output()}")

@@ -77,10 +77,10 @@ def wait_until_ready(server, timeout: float) -> set[str]:
 
 
 def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_request(tmp_path, live_server):
-    # Batches of up to 2 (fewer graphs to compile than the default 8, for the suite's time): the warm-up
-    # runs 1 and 2 pictures of each size; the test sends a batch of 2 square pictures and a 4:3 one
+    # Batches of up to 4 (fewer graphs to compile than the default 8, for the suite's time): the warm-up
+    # runs 1, 2 and 4 pictures of each size; the test sends a batch of 3 square pictures and a 4:3 one
     # alone (64x48 at the tests' resolution of 64).
-    server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="2", BATCH_WAIT_MS="2000",
+    server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="4", BATCH_WAIT_MS="2000",
                         WARM_UP_SIZES="64x64,64x48", TORCH_LOGS="recompiles")
     try:
         assert "warming_up" in wait_until_ready(server, timeout=900)
@@ -88,24 +88,24 @@ def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_reques
         assert info["torch_compile"] == "default" and info["attention"] == "sdpa" and info["warm_up_seconds"] > 0
         assert info["warm_up_sizes"] == ["64x64", "64x48"]
         warmed_up = re.compile(
-            r"warm-up took [\d.]+ s \(torch.compile: default; 64x64 and 64x48, batches of 1 and 2\)"
+            r"warm-up took [\d.]+ s \(torch.compile: default; 64x64 and 64x48, batches of 1 and 2 and 4\)"
         )
         assert warmed_up.search(server.output())
 
-        # Two at once share one run (so they report the same run time), then one alone: each is the
+        # Three at once share one run (so they report the same run time), then one alone: each is the
         # picture the uncompiled server paints, and none of them made torch compile anything.
         square, four_by_three = png_bytes(120, 120), png_bytes(120, 90)
-        pictures = (square, square, four_by_three)
-        with ThreadPoolExecutor(2) as pool:
-            compiled = list(pool.map(lambda seed: generate(server, seed, square), (21, 22)))
-        compiled.append(generate(server, 23, four_by_three))
-        for seed, picture, fast in zip((21, 22, 23), pictures, compiled, strict=True):
+        pictures = (square, square, square, four_by_three)
+        with ThreadPoolExecutor(3) as pool:
+            compiled = list(pool.map(lambda seed: generate(server, seed, square), (21, 22, 23)))
+        compiled.append(generate(server, 24, four_by_three))
+        for seed, picture, fast in zip((21, 22, 23, 24), pictures, compiled, strict=True):
             assert fast.status_code == 200, fast.text
             slow = generate(live_server, seed, picture)
             assert_same_picture(Image.open(io.BytesIO(fast.content)), Image.open(io.BytesIO(slow.content)))
         assert Image.open(io.BytesIO(compiled[-1].content)).size == (64, 48)
         run_seconds = re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())
-        assert len(run_seconds) == 3 and len(set(run_seconds[:2])) == 1, run_seconds
+        assert len(run_seconds) == 4 and len(set(run_seconds[:3])) == 1, run_seconds
         after_warm_up = server.output()[warmed_up.search(server.output()).end():]
         assert "Recompiling" not in after_warm_up, after_warm_up[-3000:]
     finally:

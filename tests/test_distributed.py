@@ -147,10 +147,12 @@ def test_flower_sees_the_gpu_workers_and_the_queue(cluster, tmp_path):
     """DEPLOY.md's Flower command, with basic auth, against the same (TLS) Redis."""
     broker, workers, _ = cluster
     port = free_port()
-    environment = os.environ | tiny_environment(tmp_path, QUEUE_BACKEND="celery", REDIS_URL=broker.url)
+    environment = os.environ | tiny_environment(tmp_path, QUEUE_BACKEND="celery", REDIS_URL=broker.url) | {
+        "FLOWER_BASIC_AUTH": "ops:flower-secret-9d2"
+    }
     flower = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "service.gpu_worker", "flower", "--address=127.0.0.1",
-         f"--port={port}", "--basic-auth=ops:flower-secret-9d2"],
+         f"--port={port}"],
         cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -339,40 +341,58 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
     assert again.status_code == 200, again.text
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+class Pair:
     """Two GPU workers for the tests that stop one, behind their own Redis and web tier. Tasks held longer
     than 5 s go back to the queue, so a killed worker's task is handed out again within seconds."""
-    folder = tmp_path_factory.mktemp("pair")
-    broker = RedisServer(folder)
-    settings = {"REDIS_URL": broker.url, "TASK_VISIBILITY_TIMEOUT_S": "5", **CELERY}
-    workers = [GpuWorker(folder, name, **settings) for name in ("left", "right")]
-    web = LiveServer(folder, **settings)
-    try:
-        for worker in workers:
-            worker.wait_until_ready(broker.client())
-        web.wait_until_healthy()
-        yield broker, workers, web
-    finally:
-        web.stop()
-        for worker in workers:
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.broker = folder, RedisServer(folder)
+        self.settings = {"REDIS_URL": self.broker.url, "TASK_VISIBILITY_TIMEOUT_S": "5", **CELERY}
+        self.workers: list[GpuWorker] = []
+        self.web = LiveServer(folder, **self.settings)
+
+    def both_alive(self) -> list[GpuWorker]:
+        """Two live workers: a test before may have stopped one (a replacement starts)."""
+        for worker in [worker for worker in self.workers if worker.process.poll() is not None]:
+            self.workers.remove(worker)
+        while len(self.workers) < 2:
+            self.workers.append(GpuWorker(self.folder, f"worker-{time.monotonic_ns()}", **self.settings))
+        for worker in self.workers:
+            worker.wait_until_ready(self.broker.client())
+        return self.workers
+
+    def running(self, client: Client, job_id: str) -> GpuWorker:
+        """The worker that runs the job (holds its claim), once it runs."""
+        wait_for(client, job_id, "running")
+        holder = (self.broker.client().get(claim_key(job_id)) or b"").decode()
+        [worker] = [worker for worker in self.workers if worker.process_name == holder] or [None]
+        assert worker is not None, f"the job's claim is held by {holder!r}, none of {self.workers}"
+        return worker
+
+    def stop(self) -> None:
+        self.web.stop()
+        for worker in self.workers:
             worker.stop()
-        broker.stop()
+        self.broker.stop()
 
 
-def running_on(broker: RedisServer, workers: list[GpuWorker], client: Client, job_id: str) -> GpuWorker:
-    """The worker that runs the job (holds its claim), once it runs."""
-    wait_for(client, job_id, "running")
-    holder = broker.client().get(claim_key(job_id))
-    return next(worker for worker in workers if holder and holder.decode() == worker.process_name)
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    pair = Pair(tmp_path_factory.mktemp("pair"))
+    try:
+        pair.both_alive()
+        pair.web.wait_until_healthy()
+        yield pair
+    finally:
+        pair.stop()
 
 
 def test_a_killed_gpu_worker_loses_no_job(pair):
     """SIGKILL mid-generation: the task goes back to the queue and the other worker runs it."""
-    broker, workers, web = pair
+    workers, web = pair.both_alive(), pair.web
     client = Client(web.url, API_KEY, verify=str(web.cert))
     job = client.submit(png_bytes(), "a slow one", steps=40, resolution=128, seed=9)
-    doomed = running_on(broker, workers, client, job["id"])
+    doomed = pair.running(client, job["id"])
     doomed.signal(signal.SIGKILL)
     assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"
     [survivor] = [worker for worker in workers if worker is not doomed]
@@ -381,10 +401,10 @@ def test_a_killed_gpu_worker_loses_no_job(pair):
 
 
 def test_sigterm_on_a_gpu_worker_finishes_its_batch_first(pair):
-    broker, workers, web = pair
-    client = Client(web.url, API_KEY, verify=str(web.cert))
+    pair.both_alive()
+    client = Client(pair.web.url, API_KEY, verify=str(pair.web.cert))
     job = client.submit(png_bytes(), "finish me", steps=20, resolution=128)
-    leaving = running_on(broker, workers, client, job["id"])
+    leaving = pair.running(client, job["id"])
     leaving.signal(signal.SIGTERM)
     assert wait_for(client, job["id"], "succeeded", "failed")["status"] == "succeeded"
     assert leaving.process.wait(timeout=60) == 0

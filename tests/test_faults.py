@@ -129,8 +129,9 @@ def send_and_hang_up(server: LiveServer, body_fields: dict) -> None:
 
 def test_clients_that_hang_up_do_not_hurt_the_worker(live_server):
     server = live_server
+    earlier = len(server.output())  # the server is shared: only what this test caused counts
     for _ in range(3):
-        send_and_hang_up(server, {"prompt": "gone", "steps": "30", "resolution": "256"})
+        send_and_hang_up(server, {"prompt": "gone", "steps": "30", "resolution": "128"})
     events = requests.get(
         f"{server.url}/jobs/{_job(server)}/events", headers=KEY, verify=str(server.cert), stream=True, timeout=30
     )
@@ -141,14 +142,14 @@ def test_clients_that_hang_up_do_not_hurt_the_worker(live_server):
         verify=str(server.cert), timeout=120,
     )
     assert response.status_code == 200
-    assert "Traceback" not in server.output()
+    assert "Traceback" not in server.output()[earlier:]
     record(faults_injected=4, faults_survived=4)
 
 
 def _job(server: LiveServer) -> str:
     response = requests.post(
         f"{server.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
-        data={"prompt": "watched", "steps": "30", "resolution": "256"}, verify=str(server.cert), timeout=30,
+        data={"prompt": "watched", "steps": "30", "resolution": "128"}, verify=str(server.cert), timeout=30,
     )
     return response.json()["id"]
 

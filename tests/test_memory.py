@@ -81,7 +81,7 @@ def test_concurrent_worst_case_uploads_stay_within_the_memory_budget(tmp_path, w
     """For /generate, slow generations (many steps) keep requests queued: a queued request holds its
     edge maps, not the decoded picture."""
     server = serve(tmp_path, MAX_QUEUED_PER_KEY=str(UPLOADS), QUEUE_SIZE=str(UPLOADS), BATCH_SIZE="1")
-    fields = {"prompt": "x", "steps": "10"} if path == "/generate" else {}
+    fields = {"prompt": "x", "steps": "25"} if path == "/generate" else {}
     try:
         started = time.monotonic()
         answers, growth = peak_growth_mb(server, lambda: upload_all(server, worst_case_png, UPLOADS, path, **fields))

@@ -47,7 +47,7 @@ def test_https_with_the_generated_certificate(live_server):
 
 
 def test_start_up_says_where_it_serves_and_prints_no_library_noise(live_server):
-    output = live_server.output()
+    output = live_server.start_up_output
     assert f"listening on https://127.0.0.1:{live_server.port}/" in output
     assert "Listening at: http://" not in output
     assert "WARNING" not in output.upper() and "torchvision" not in output and "float32: []" not in output

@@ -48,8 +48,9 @@ CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none
 
 def tls_options(url: str) -> dict | None:
     """For rediss://: the URL's ssl_* parameters as Celery's broker_use_ssl, the certificate verified unless
-    the URL says ssl_cert_reqs=none. redis-py (the ledger, the job store) verifies by default; kombu would
-    not, and Flower reads only this setting, not the URL."""
+    the URL says ssl_cert_reqs=none. redis-py (the ledger, the job store) verifies by default. kombu takes
+    ssl_* parameters from the URL, but with none there it would connect unverified; Flower reads only this
+    setting, never the URL."""
     if urlsplit(url).scheme != "rediss":
         return None
     query = {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items() if key.startswith("ssl_")}

@@ -60,7 +60,7 @@ def failed(error: ServiceError) -> dict:
 
 def read_output(reply: dict) -> RenderedOutput:
     data = base64.b64decode(reply["data"])
-    return RenderedOutput(data, reply["mimetype"], reply["file_name"], reply["seconds"], reply["worker"])
+    return RenderedOutput(data, reply["mimetype"], reply["file_name"], reply["seconds"], reply.get("worker", "unknown"))
 
 
 def read_preview(reply: dict) -> Image.Image | None:
