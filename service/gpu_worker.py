@@ -1,4 +1,5 @@
-"""A GPU worker for QUEUE_BACKEND=celery: `python -m service.gpu_worker` (or, for operators who start Celery
+"""A GPU worker for QUEUE_BACKEND=celery: `python -m stable_diffusion.gpu_worker` runs this module's main()
+(so does `python -m service.gpu_worker`; or, for operators who start Celery
 themselves, `celery -A service.gpu_worker worker --pool threads --concurrency $BATCH_SIZE`). It loads the
 model once, in this process, and runs generation tasks from the queue. One process per GPU: set DEVICE=cuda:1
 or CUDA_VISIBLE_DEVICES for the second."""

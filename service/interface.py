@@ -51,7 +51,8 @@ _NOT_READY = {
     ServiceState.FAILED: "The model failed to load; the server log says why.",
     ServiceState.STOPPED: "The generation worker has stopped; the server is shutting down.",
     ServiceState.NO_WORKERS: (
-        "No GPU worker is connected; requests wait in the queue until one starts (python -m service.gpu_worker)."
+        "No GPU worker is connected; requests wait in the queue until one starts "
+        "(python -m stable_diffusion.gpu_worker)."
     ),
     ServiceState.UNREACHABLE: "The queue's Redis server (REDIS_URL) cannot be reached; retry in a few seconds.",
 }

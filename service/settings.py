@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(60.0, alias="SHUTDOWN_GRACE_S", gt=0, le=3600)
 
     # local: the model in this process (nothing else to start). celery: web processes only here, GPU workers
-    # (python -m service.gpu_worker) elsewhere, a Redis server between them; the URL may carry a password.
+    # (python -m stable_diffusion.gpu_worker) elsewhere, a Redis server between them; the URL may carry a password.
     queue_backend: Literal["local", "celery"] = Field("local", alias="QUEUE_BACKEND")
     redis_url: str = Field("redis://localhost:6379/0", alias="REDIS_URL", repr=False, pattern=r"^rediss?://")
     # Web processes gunicorn runs; more than one only with QUEUE_BACKEND=celery (the model lives elsewhere).

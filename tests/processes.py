@@ -1,4 +1,4 @@
-"""Real processes for the distributed tests: a redis-server and GPU workers (python -m service.gpu_worker)."""
+"""Real processes for the distributed tests: a redis-server and GPU workers (python -m stable_diffusion.gpu_worker)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class RedisServer:
 
 
 class GpuWorker:
-    """`python -m service.gpu_worker` on the tiny model, as an operator starts one."""
+    """`python -m stable_diffusion.gpu_worker` on the tiny model, as an operator starts one."""
 
     def __init__(self, folder: Path, name: str, **overrides: str) -> None:
         self.folder, self.name = folder, name
@@ -83,7 +83,7 @@ class GpuWorker:
         env.pop("API_KEY")  # a GPU worker needs none
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.gpu_worker"], cwd=REPO_ROOT, env=env, stdout=log,
+                [sys.executable, "-m", "stable_diffusion.gpu_worker"], cwd=REPO_ROOT, env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -1,4 +1,4 @@
-"""QUEUE_BACKEND=celery with real processes: a redis-server, GPU workers (python -m service.gpu_worker) and
+"""QUEUE_BACKEND=celery with real processes: a redis-server, GPU workers (python -m stable_diffusion.gpu_worker) and
 gunicorn web processes (python app.py with WEB_WORKERS=2), all on the tiny model."""
 
 from __future__ import annotations

@@ -57,6 +57,14 @@ def test_each_layer_imports_only_itself_and_the_layer_below(package):
             assert root not in PROJECT or root in rules["allowed"], where
 
 
+def test_the_gpu_worker_command_of_the_model_layer_only_hands_over_to_the_service_layer():
+    """`python -m stable_diffusion.gpu_worker` is a launcher: it runs service.gpu_worker by name and imports
+    nothing, so the model layer still depends on nothing above it."""
+    launcher = REPO_ROOT / "stable_diffusion" / "gpu_worker.py"
+    assert _imports(launcher, top_level_only=False) == {"runpy"}
+    assert 'runpy.run_module("service.gpu_worker", run_name="__main__"' in launcher.read_text()
+
+
 def test_the_service_layer_imports_torch_only_when_it_builds_the_local_backend():
     for path in _modules("service"):
         for module in _imports(path, top_level_only=True):

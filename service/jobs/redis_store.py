@@ -9,10 +9,13 @@ from dataclasses import fields
 import redis
 
 from service.distributed.ledger import PREFIX, reachable
-from service.jobs.store import Job, JobStatus
+from service.jobs.store import FINISHED, Job, JobStatus
 from stable_diffusion.errors import StorageFull
 
 FINISHED_INDEX = PREFIX + "jobs:finished"
+# Queued and running jobs by creation time, and finished ones by status: adoption and /metrics read these
+# indexes, never a scan over every job kept (millions, at a cluster's rate and a week's retention).
+UNFINISHED_INDEX = PREFIX + "jobs:unfinished"
 # A running job's latest preview, for watchers on other web processes.
 PREVIEW_TTL_S = 120
 
@@ -25,8 +28,13 @@ def _result_key(job_id: str) -> str:
     return f"{PREFIX}job-result:{job_id}"
 
 
+def _status_index(status: JobStatus) -> str:
+    return f"{PREFIX}jobs:{status}"
+
+
 class RedisJobStore:
-    """The JobStore interface on Redis: one hash per job (each field JSON), an index of finished jobs by time."""
+    """The JobStore interface on Redis: one hash per job (each field JSON), indexes of unfinished jobs and of
+    finished ones (by time, and by status)."""
 
     def __init__(self, client: redis.Redis, retention_s: float) -> None:
         self.redis, self.retention_s = client, retention_s
@@ -34,7 +42,13 @@ class RedisJobStore:
 
     def add(self, job: Job) -> None:
         with reachable(), _room():
-            self.redis.hset(_key(job.id), mapping={name: json.dumps(getattr(job, name)) for name in self._columns})
+            pipe = self.redis.pipeline()
+            pipe.hset(_key(job.id), mapping={name: json.dumps(getattr(job, name)) for name in self._columns})
+            if job.finished:
+                self._index_finished(pipe, job.id, job.status, job.finished_at or job.created_at)
+            else:
+                pipe.zadd(UNFINISHED_INDEX, {job.id: job.created_at})
+            pipe.execute()
 
     def get(self, job_id: str) -> Job | None:
         with reachable():
@@ -51,13 +65,22 @@ class RedisJobStore:
                 return
             pipe.hset(_key(job_id), mapping={name: json.dumps(value) for name, value in changes.items()})
             if changes.get("finished_at") is not None:
-                pipe.zadd(FINISHED_INDEX, {job_id: changes["finished_at"]})
+                self._index_finished(pipe, job_id, JobStatus(changes["status"]), changes["finished_at"])
             pipe.execute()
+
+    @staticmethod
+    def _index_finished(pipe: redis.client.Pipeline, job_id: str, status: JobStatus, moment: float) -> None:
+        pipe.zrem(UNFINISHED_INDEX, job_id)
+        pipe.zadd(FINISHED_INDEX, {job_id: moment})
+        pipe.zadd(_status_index(status), {job_id: moment})
 
     def delete(self, job_id: str) -> None:
         with reachable():
-            self.redis.delete(_key(job_id), _result_key(job_id))
-            self.redis.zrem(FINISHED_INDEX, job_id)
+            pipe = self.redis.pipeline()
+            pipe.delete(_key(job_id), _result_key(job_id))
+            for index in (UNFINISHED_INDEX, FINISHED_INDEX, *map(_status_index, FINISHED)):
+                pipe.zrem(index, job_id)
+            pipe.execute()
 
     def finished_before(self, moment: float) -> list[Job]:
         with reachable():
@@ -70,17 +93,24 @@ class RedisJobStore:
 
     def unfinished(self) -> list[Job]:
         with reachable():
-            keys = list(self.redis.scan_iter(match=_key("*"), count=1000))
-        jobs = [self.get(key.decode().removeprefix(_key(""))) for key in keys]
-        return [job for job in jobs if job is not None and not job.finished]
+            ids = [job_id.decode() for job_id in self.redis.zrange(UNFINISHED_INDEX, 0, -1)]
+        jobs = dict(zip(ids, map(self.get, ids), strict=True))
+        if gone := [job_id for job_id, job in jobs.items() if job is None]:
+            with reachable():
+                self.redis.zrem(UNFINISHED_INDEX, *gone)
+        return [job for job in jobs.values() if job is not None and not job.finished]
 
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(JobStatus, 0)
         with reachable():
-            keys = list(self.redis.scan_iter(match=_key("*"), count=1000))
+            finished, pipe = sorted(FINISHED), self.redis.pipeline()
+            for status in finished:
+                pipe.zcard(_status_index(status))
+            counts.update(zip(finished, pipe.execute(), strict=True))
+            ids = self.redis.zrange(UNFINISHED_INDEX, 0, -1)
             pipe = self.redis.pipeline()
-            for key in keys:
-                pipe.hget(key, "status")
+            for job_id in ids:
+                pipe.hget(_key(job_id.decode()), "status")
             for status in pipe.execute():
                 if status:
                     counts[JobStatus(json.loads(status))] += 1
