@@ -85,14 +85,17 @@ class Submission:
     size: tuple[int, int]
     input_file: str
     future: Future[RenderedOutput]
+    # Stops the request once it runs (at its next step), where canceling its future cannot.
+    stop: Callable[[], object] | None = None
 
     def wait(self, timeout_s: float) -> RenderedOutput:
-        """The output, or GenerationTimeout after `timeout_s`; the request is then canceled if it has not
-        started (a started one runs to its end)."""
+        """The output, or GenerationTimeout after `timeout_s`; the request is then canceled: a queued one
+        leaves the queue, a running one stops at its next step, and no output is saved for nobody."""
         try:
             return self.future.result(timeout=timeout_s)
         except FutureTimeout:
-            self.future.cancel()
+            if not self.future.cancel() and self.stop is not None:
+                self.stop()
             raise GenerationTimeout(
                 f"Generation did not finish within {timeout_s:g} s (GENERATION_TIMEOUT_S); retry later or with "
                 "fewer steps."

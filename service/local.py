@@ -73,7 +73,8 @@ class LocalGenerationService(GenerationService):
             self._uploads.discard(prepared)
             raise
         request = prepared.request
-        return Submission(request_id, request.seed, request.size, prepared.input_file, future)
+        stop = partial(self._worker.cancel, request_id)
+        return Submission(request_id, request.seed, request.size, prepared.input_file, future, stop)
 
     def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""

@@ -121,6 +121,21 @@ def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_service, 
         assert_error(post_generate(client, CORRUPT_PNG, headers=OTHER), 503, "queue is full")
 
 
+def test_a_generate_that_times_out_while_running_stops_and_saves_nothing(pipeline_service, tmp_path):
+    service = Gated(pipeline_service)
+    settings = tiny_settings(tmp_path, GENERATION_TIMEOUT_S="1")
+    with serving(settings, service) as client:
+        # The run starts and waits at the gate; its client gives up after a second.
+        assert_error(post_generate(client, png_bytes(), steps="4"), 504, "GENERATION_TIMEOUT_S")
+        assert service.started.is_set(), "the request was running, not queued"
+        service.open()
+        # It stops at its next step: the next request is served, and only its picture is saved.
+        answer = post_generate(client, png_bytes(), steps="2")
+        assert answer.status_code == 200
+        saved = answer.headers["Content-Disposition"].split("filename=")[1]
+        assert sorted(path.name for path in settings.output_dir.iterdir()) == [saved]
+
+
 def test_canceled_and_timed_out_requests_give_their_queue_places_back_at_once(pipeline_service, tmp_path):
     service = Gated(pipeline_service)
     settings = tiny_settings(tmp_path, QUEUE_SIZE="4", GENERATION_TIMEOUT_S="1")
