@@ -7,6 +7,7 @@ import concurrent.futures
 import io
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import redis
 import requests
 from PIL import Image
 
-from service.distributed.celery_app import make_celery
+from service.distributed.celery_app import make_celery, tls_options
 from service.distributed.ledger import claim_key, connect
 from service.settings import REPO_ROOT
 from stable_diffusion.client import Client
@@ -104,6 +105,15 @@ def test_rediss_verifies_the_redis_certificate(cluster, tmp_path):
             else:
                 with pytest.raises(Exception, match="certificate verify failed"):
                     connection.ensure_connection(max_retries=1)
+
+
+def test_rediss_without_verification_is_taken_but_warned_about(caplog):
+    assert tls_options("rediss://:pw@redis.example:6380/0?ssl_ca_certs=/etc/ca.pem") == {
+        "ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": ssl.CERT_REQUIRED
+    }
+    assert not caplog.records and tls_options("redis://redis.example:6379/0") is None
+    assert tls_options("rediss://redis.example:6380/0?ssl_cert_reqs=none") == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert "certificate is not verified" in caplog.text and "pw" not in caplog.text
 
 
 def test_ready_counts_the_gpu_workers(cluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from urllib.parse import parse_qs, urlsplit
 
@@ -9,6 +10,7 @@ from celery import Celery
 
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 GENERATE_TASK = "generation.generate"
 QUEUE = "generation"
 
@@ -56,4 +58,7 @@ def tls_options(url: str) -> dict | None:
     query = {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items() if key.startswith("ssl_")}
     options = {key: query[key] for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if key in query}
     wanted = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if wanted == "none":
+        log.warning("REDIS_URL says ssl_cert_reqs=none: Redis's certificate is not verified (anyone on the path "
+                    "can read and change the queue); remove it, and name a private CA with ssl_ca_certs=")
     return options | {"ssl_cert_reqs": CERT_REQS.get(wanted, ssl.CERT_REQUIRED)}
