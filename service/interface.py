@@ -85,8 +85,8 @@ class Submission:
     size: tuple[int, int]
     input_file: str
     future: Future[RenderedOutput]
-    # Stops the request once it runs (at its next step), where canceling its future cannot.
-    stop: Callable[[], object] | None = None
+    # The service's cancel(request_id, owner) for this request.
+    cancel: Callable[[], bool]
 
     def wait(self, timeout_s: float) -> RenderedOutput:
         """The output, or GenerationTimeout after `timeout_s`; the request is then canceled: a queued one
@@ -94,8 +94,7 @@ class Submission:
         try:
             return self.future.result(timeout=timeout_s)
         except FutureTimeout:
-            if not self.future.cancel() and self.stop is not None:
-                self.stop()
+            self.cancel()
             raise GenerationTimeout(
                 f"Generation did not finish within {timeout_s:g} s (GENERATION_TIMEOUT_S); retry later or with "
                 "fewer steps."

@@ -73,8 +73,8 @@ class LocalGenerationService(GenerationService):
             self._uploads.discard(prepared)
             raise
         request = prepared.request
-        stop = partial(self._worker.cancel, request_id)
-        return Submission(request_id, request.seed, request.size, prepared.input_file, future, stop)
+        cancel = partial(self.cancel, request_id, owner)
+        return Submission(request_id, request.seed, request.size, prepared.input_file, future, cancel)
 
     def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import partial
 
 import redis
 from PIL import Image
@@ -112,7 +113,8 @@ class CeleryGenerationService(GenerationService):
             raise
         future = self._start_following(request_id, owner, on_event)
         request = prepared.request
-        return Submission(request_id, request.seed, request.size, prepared.input_file, future)
+        cancel = partial(self.cancel, request_id, owner)
+        return Submission(request_id, request.seed, request.size, prepared.input_file, future, cancel)
 
     def adopt(self, request_id: str, owner: str, on_event: EventHandler | None = None) -> Future | None:
         try:

@@ -28,6 +28,10 @@ def _result_key(job_id: str) -> str:
     return f"{PREFIX}job-result:{job_id}"
 
 
+def _preview_key(job_id: str) -> str:
+    return f"{PREFIX}job-preview:{job_id}"
+
+
 def _status_index(status: JobStatus) -> str:
     return f"{PREFIX}jobs:{status}"
 
@@ -53,9 +57,7 @@ class RedisJobStore:
     def get(self, job_id: str) -> Job | None:
         with reachable():
             values = self.redis.hgetall(_key(job_id))
-        if not values:
-            return None
-        return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
+        return _job(values) if values else None
 
     def update(self, job_id: str, **changes: object) -> None:
         with reachable(), _room():
@@ -92,13 +94,17 @@ class RedisJobStore:
         return 0
 
     def unfinished(self) -> list[Job]:
+        """The jobs of the unfinished index, read in one round trip; entries whose record is gone leave it."""
         with reachable():
-            ids = [job_id.decode() for job_id in self.redis.zrange(UNFINISHED_INDEX, 0, -1)]
-        jobs = dict(zip(ids, map(self.get, ids), strict=True))
-        if gone := [job_id for job_id, job in jobs.items() if job is None]:
-            with reachable():
+            ids = self.redis.zrange(UNFINISHED_INDEX, 0, -1)
+            pipe = self.redis.pipeline()
+            for job_id in ids:
+                pipe.hgetall(_key(job_id.decode()))
+            records = pipe.execute()
+            if gone := [job_id for job_id, values in zip(ids, records, strict=True) if not values]:
                 self.redis.zrem(UNFINISHED_INDEX, *gone)
-        return [job for job in jobs.values() if job is not None and not job.finished]
+        jobs = [_job(values) for values in records if values]
+        return [job for job in jobs if not job.finished]
 
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(JobStatus, 0)
@@ -107,13 +113,8 @@ class RedisJobStore:
             for status in finished:
                 pipe.zcard(_status_index(status))
             counts.update(zip(finished, pipe.execute(), strict=True))
-            ids = self.redis.zrange(UNFINISHED_INDEX, 0, -1)
-            pipe = self.redis.pipeline()
-            for job_id in ids:
-                pipe.hget(_key(job_id.decode()), "status")
-            for status in pipe.execute():
-                if status:
-                    counts[JobStatus(json.loads(status))] += 1
+        for job in self.unfinished():
+            counts[job.status] += 1
         return counts
 
     def put_result(self, job_id: str, data: bytes) -> None:
@@ -126,14 +127,18 @@ class RedisJobStore:
 
     def put_preview(self, job_id: str, png: bytes) -> None:
         with reachable():
-            self.redis.set(f"{PREFIX}job-preview:{job_id}", png, ex=PREVIEW_TTL_S)
+            self.redis.set(_preview_key(job_id), png, ex=PREVIEW_TTL_S)
 
     def get_preview(self, job_id: str) -> bytes | None:
         with reachable():
-            return self.redis.get(f"{PREFIX}job-preview:{job_id}")
+            return self.redis.get(_preview_key(job_id))
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _job(values: dict[bytes, bytes]) -> Job:
+    return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
 
 
 class _room:
