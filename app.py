@@ -18,6 +18,7 @@ from service.jobs import JobManager, JobStore
 from service.local import LocalGenerationService
 from service.settings import Settings, SettingsError
 from stable_diffusion.image_processing import return_freed_pictures_to_the_os
+from stable_diffusion.lora_library import LoraLibrary
 from web.access import RATE_LIMIT_HEADERS, init_auth, init_rate_limit
 from web.errors import init_errors
 from web.gunicorn_worker import worker_class
@@ -45,6 +46,7 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     service = service or start_service(settings)
     return_freed_pictures_to_the_os()
     store = open_job_store(settings)
+    loras = LoraLibrary(settings.lora_dir)
     app.extensions.update(
         settings=settings,
         service=service,
@@ -52,7 +54,8 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
             store, service, settings.input_dir, settings.output_dir, settings.job_retention_s,
             sole_process=settings.queue_backend == "local",
         ),
-        generate_fields=generate_fields_model(settings),
+        loras=loras,
+        generate_fields=generate_fields_model(settings, loras),
         edge_fields=edge_fields_model(settings),
     )
     init_request_log(app, settings)

@@ -11,11 +11,22 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
 from service.settings import Settings
 from stable_diffusion.errors import InvalidField
+from stable_diffusion.lora_library import (
+    MAX_LORAS_PER_REQUEST,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+    LoraLibrary,
+    LoraSet,
+    merge,
+    parse_loras,
+    take_prompt_loras,
+)
 from stable_diffusion.recipe import SAMPLERS
 
 MAX_SEED = 2**32 - 1
@@ -51,9 +62,11 @@ def edge_fields_model(settings: Settings) -> type[BaseModel]:
     return EdgeFields
 
 
-def generate_fields_model(settings: Settings) -> type[BaseModel]:
-    """The pydantic model of /generate's text fields, with the limits `settings` sets."""
+def generate_fields_model(settings: Settings, library: LoraLibrary | None = None) -> type[BaseModel]:
+    """The pydantic model of /generate's text fields, with the limits `settings` sets; LoRA names are checked
+    against `library` (default: LORA_DIR's)."""
     prompt_text = StringConstraints(strip_whitespace=True, max_length=settings.max_prompt_chars)
+    library = library or LoraLibrary(settings.lora_dir)
 
     class GenerateFields(edge_fields_model(settings)):
         prompt: Annotated[str, prompt_text, StringConstraints(min_length=1)] = Field(
@@ -94,12 +107,38 @@ def generate_fields_model(settings: Settings) -> type[BaseModel]:
         progress_gif: Annotated[bool, BeforeValidator(_true_or_false)] = Field(
             False, description="true or false: return an animated GIF of the denoising instead of the PNG"
         )
+        loras: Annotated[LoraSet, BeforeValidator(_lora_text), WithJsonSchema({"type": "string"})] = Field(
+            (), description=(
+                f"LoRAs to apply, as name:weight pairs separated by commas (name: a file of LORA_DIR without "
+                f".safetensors, GET /models lists them; weight {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, 1 when left out; "
+                f"at most {MAX_LORAS_PER_REQUEST}); <lora:name:weight> in the prompt works too"
+            ),
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _loras_of_the_prompt(cls, values: object) -> object:
+            """AUTOMATIC1111's <lora:name:weight> tags leave the prompt and join the `loras` field."""
+            if isinstance(values, dict) and isinstance(values.get("prompt"), str) and "<" in values["prompt"]:
+                prompt, tagged = take_prompt_loras(values["prompt"])
+                if tagged:
+                    values = {**values, "prompt": prompt, "loras": merge(_lora_text(values.get("loras", "")), tagged)}
+            return values
 
         @model_validator(mode="after")
         def _control_window_ordered(self):
             return _require_below(self, "control_start", "control_end")
 
+        @model_validator(mode="after")
+        def _loras_exist(self):
+            library.check(self.loras)
+            return self
+
     return GenerateFields
+
+
+def _lora_text(value: object) -> object:
+    return parse_loras(value) if isinstance(value, str) else value
 
 
 def _true_or_false(value: object) -> object:

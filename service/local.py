@@ -78,7 +78,8 @@ class LocalGenerationService(GenerationService):
 
     def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""
-        rendered = render_output(prepared.request, result, prepared.upload, self._worker.generator.model_name)
+        generator = self._worker.generator
+        rendered = render_output(prepared.request, result, prepared.upload, generator.model_name, generator.model_hash)
         file_name = f"{prepared.stem}.{rendered.extension}"
         write_atomically(self._output_dir / file_name, rendered.data)
         return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, process_name())
@@ -127,4 +128,7 @@ def model_config(settings: Settings) -> ModelConfig:
         device=settings.device,
         dtype=settings.dtype,
         speed=SpeedConfig(channels_last=settings.channels_last, torch_compile=settings.torch_compile),
+        allow_pickle_checkpoints=settings.allow_pickle_checkpoints,
+        lora_dir=settings.lora_dir,
+        lora_cache=settings.lora_cache,
     )

@@ -12,7 +12,7 @@ from service.fields import MAX_SEED
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.gif_creator import encode_gif, make_progress_gif
 from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
-from stable_diffusion.recipe import SAMPLERS, GenerationRequest, GenerationResult
+from stable_diffusion.recipe import SAMPLERS, AppliedLora, GenerationRequest, GenerationResult
 
 
 @dataclass(frozen=True)
@@ -44,26 +44,47 @@ def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> G
         refine_strength=fields.refine_strength,
         scheduler=fields.scheduler,
         progress_gif=fields.progress_gif,
-        recipe=fields.model_dump() | {"seed": seed},
+        loras=fields.loras,
+        recipe=fields.model_dump() | {"seed": seed, "loras": format_loras(fields.loras)},
     )
 
 
+def format_loras(loras: tuple[tuple[str, float], ...]) -> str:
+    """As the `loras` field takes them, so that a recipe can be sent again."""
+    return ",".join(f"{name}:{weight:g}" for name, weight in loras)
+
+
 def render_output(
-    request: GenerationRequest, result: GenerationResult, upload: DecodedImage, model_name: str
+    request: GenerationRequest,
+    result: GenerationResult,
+    upload: DecodedImage,
+    model_name: str,
+    model_hash: str | None = None,
 ) -> RenderedFile:
-    """A PNG carrying its recipe; a GIF for an animated upload (with its timing) or a progress GIF."""
+    """A PNG carrying its recipe; a GIF for an animated upload (with its timing) or a progress GIF.
+    `model_hash`: AUTOMATIC1111's short hash of a single-file model."""
     if request.progress_gif:
         return RenderedFile(make_progress_gif(result.step_previews, result.images[0]), "image/gif", "gif")
     if upload.is_animated:
         return RenderedFile(encode_gif(result.images, upload.durations_ms, upload.loop), "image/gif", "gif")
     width, height = request.size
     recipe = request.recipe | {"width": width, "height": height, "model": model_name}
-    png = encode_png(result.images[0], a1111_parameters(request, model_name), recipe)
+    if model_hash:
+        recipe["model_hash"] = model_hash
+    if result.loras:
+        recipe["lora_hashes"] = {lora.name: lora.short_hash for lora in result.loras}
+    png = encode_png(result.images[0], a1111_parameters(request, model_name, model_hash, result.loras), recipe)
     return RenderedFile(png, "image/png", "png")
 
 
-def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
-    """The recipe in the `parameters` text format AUTOMATIC1111 writes, so its tools can read it."""
+def a1111_parameters(
+    request: GenerationRequest,
+    model_name: str,
+    model_hash: str | None = None,
+    loras: tuple[AppliedLora, ...] = (),
+) -> str:
+    """The recipe in the `parameters` text format AUTOMATIC1111 writes, so its tools can read it: the LoRAs as
+    <lora:name:weight> tags in the prompt, their hashes in `Lora hashes`, a single file's in `Model hash`."""
     width, height = request.size
     settings = {
         "Steps": request.steps,
@@ -71,6 +92,7 @@ def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
         "CFG scale": request.guidance_scale,
         "Seed": request.seed,
         "Size": f"{width}x{height}",
+        **({"Model hash": model_hash} if model_hash else {}),
         "Model": model_name,
         "Denoising strength": request.refine_strength,
         "ControlNet": "canny",
@@ -78,9 +100,13 @@ def a1111_parameters(request: GenerationRequest, model_name: str) -> str:
         "Guidance start": request.control_start,
         "Guidance end": request.control_end,
     }
+    if loras:
+        # Quoted, as AUTOMATIC1111 writes it: the value holds commas.
+        settings["Lora hashes"] = '"' + ", ".join(f"{lora.name}: {lora.short_hash}" for lora in loras) + '"'
+    tags = "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
     return "\n".join(
         [
-            request.prompt,
+            request.prompt + tags,
             f"Negative prompt: {request.negative_prompt}",
             ", ".join(f"{key}: {value}" for key, value in settings.items()),
         ]

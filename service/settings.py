@@ -64,6 +64,11 @@ class Settings(BaseSettings):
 
     sd_model: str = Field(SD15_MODEL_ID, alias="SD_MODEL", min_length=1)
     controlnet_model: str = Field(SD15_CANNY_CONTROLNET_ID, alias="CONTROLNET_MODEL", min_length=1)
+    # SD_MODEL and CONTROLNET_MODEL may be single .safetensors files; a .ckpt runs code as it loads, so only with this.
+    allow_pickle_checkpoints: bool = Field(False, alias="ALLOW_PICKLE_CHECKPOINTS")
+    # LoRA files (.safetensors, kohya / AUTOMATIC1111 layout) requests may name, and how many stay loaded.
+    lora_dir: Path = Field(REPO_ROOT / "models" / "lora", alias="LORA_DIR")
+    lora_cache: int = Field(8, alias="LORA_CACHE", ge=1, le=256)
     # cuda:N picks one GPU of several (one GPU worker process per GPU).
     device: str = Field("auto", alias="DEVICE", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", alias="DTYPE")

@@ -38,6 +38,7 @@ class Generator(Protocol):
     """What the worker runs: stable_diffusion.pipeline_service.Generator, or a test's stand-in."""
 
     model_name: str
+    model_hash: str | None
 
     def warm_up(self) -> None: ...
 
@@ -218,8 +219,8 @@ class GenerationWorker:
         self.state = ServiceState.STOPPED
 
     def _next_batch(self) -> list[_Item]:
-        """The oldest request, with the queued ones that can share its denoising run (same size, steps
-        and sampler), waiting at most `batch_wait_s` for companions; [] once stopped and drained."""
+        """The oldest request, with the queued ones that can share its denoising run (same size, steps,
+        sampler and LoRAs), waiting at most `batch_wait_s` for companions; [] once stopped and drained."""
         with self._wakeup:
             self._wakeup.wait_for(lambda: self._pending or self._stopping)
             if not self._pending:
@@ -317,4 +318,6 @@ class _Item:
 
 
 def _batch_key(request: GenerationRequest) -> tuple:
-    return (request.size, request.steps, request.scheduler)
+    """Requests share a denoising run when these agree; the LoRA set too, so that no request's picture
+    depends on its companions."""
+    return (request.size, request.steps, request.scheduler, request.loras)

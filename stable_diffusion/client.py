@@ -51,6 +51,10 @@ class Client:
         form = {"prompt": prompt} | {name: _form_value(value) for name, value in fields.items() if value is not None}
         return self._call("POST", "/jobs", files={"image": ("image", data)}, data=form).json()
 
+    def models(self) -> dict:
+        """The base model, the ControlNet and the LoRAs a request may name (GET /models)."""
+        return self._call("GET", "/models").json()
+
     def status(self, job_id: str) -> dict:
         return self._call("GET", f"/jobs/{job_id}").json()
 
@@ -115,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     client = Client(args.url, args.key, verify=False if args.insecure else (args.ca_cert or True))
+    if args.command == "models":
+        return _print_models(client, args.ca_cert)
     fields = {
         "negative_prompt": args.negative,
         "sensitivity": args.sensitivity,
         "seed": args.seed,
         "steps": args.steps,
         "resolution": args.resolution,
+        "loras": ",".join(args.lora) if args.lora else None,
     }
     try:
         job = client.submit(args.image, args.prompt, **fields)
@@ -137,6 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path(f"{job['id']}{extension}")
     output.write_bytes(picture)
     print(f"saved {output} (job {job['id']}, seed {job['seed']})")
+    return 0
+
+
+def _print_models(client: Client, ca_cert: str | None) -> int:
+    try:
+        models = client.models()
+    except requests.exceptions.SSLError as exc:
+        print(_certificate_advice(exc, ca_cert), file=sys.stderr)
+        return 1
+    except (ApiError, requests.RequestException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for role in ("sd_model", "controlnet_model"):
+        model = models[role]
+        print(f"{role}: {model['name']}" + (f" ({model['size_bytes']} bytes, sha256 {model['sha256']})"
+                                            if model["sha256"] else ""))
+    for lora in models["loras"]:
+        print(f"lora: {lora['name']} ({lora['size_bytes']} bytes, sha256 {lora['sha256']})")
+    if not models["loras"]:
+        print("no LoRAs (the server's LORA_DIR is empty)")
     return 0
 
 
@@ -189,7 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--steps", type=int)
     generate.add_argument("--resolution", type=int)
+    generate.add_argument(
+        "--lora", action="append", metavar="NAME:WEIGHT",
+        help="apply a LoRA of the server (weight -2 to 2, default 1); repeat for more; see the models command",
+    )
     generate.add_argument("-o", "--output", type=Path, help="default: <job id>.png")
+    commands.add_parser("models", parents=[connection], help="list the server's model, ControlNet and LoRAs")
     return parser
 
 

@@ -5,6 +5,7 @@ No torch here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,15 @@ class SpeedConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """What loading needs to know, and nothing else of the service's settings. The values are those of
-    the settings of the same names (SD_MODEL, CONTROLNET_MODEL, DEVICE, DTYPE, CHANNELS_LAST, TORCH_COMPILE)."""
+    the settings of the same names (SD_MODEL, CONTROLNET_MODEL, DEVICE, DTYPE, CHANNELS_LAST, TORCH_COMPILE, ...)."""
 
     sd_model: str
     controlnet_model: str
     device: str = "auto"
     dtype: str = "auto"
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    # ALLOW_PICKLE_CHECKPOINTS: read .ckpt files, which run code as they load.
+    allow_pickle_checkpoints: bool = False
+    # LORA_DIR and LORA_CACHE: where LoRA files are, and how many stay loaded.
+    lora_dir: Path | None = None
+    lora_cache: int = 8

@@ -78,3 +78,8 @@ class GenerationTimeout(ServiceError):
 
 class StorageFull(ServiceError):
     status = 507
+
+
+class ModelLoadError(Exception):
+    """The weights could not be found or loaded, or the device cannot run them; the message says what was
+    tried and which setting to change. Raised at start-up, never to a caller."""

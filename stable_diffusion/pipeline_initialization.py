@@ -23,7 +23,11 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stable_diffusion.acceleration import Speed, apply_speed_settings
+from stable_diffusion.checkpoints import ModelFile, is_checkpoint_file, load_controlnet_file, load_sd_file
 from stable_diffusion.config import ModelConfig
+from stable_diffusion.errors import ModelLoadError
+
+__all__ = ["ModelLoadError", "Pipelines", "load_pipelines"]
 
 TINY_MODEL = "tiny"
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
@@ -38,11 +42,6 @@ HUB_CHECK_TIMEOUT_S = 3.0
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(Exception):
-    """The weights could not be found or loaded, or the device cannot run them; the message says what was
-    tried and which setting to change."""
-
-
 @dataclass
 class Pipelines:
     """The loaded text-to-image pipeline, its img2img refiner sharing the same weights, and where they run."""
@@ -53,6 +52,14 @@ class Pipelines:
     dtype: torch.dtype
     model_name: str
     speed: Speed
+    # The base model's and the ControlNet's names: a file's stem, a hub id, a folder or a built-in model.
+    names: tuple[str, str] = ("", "")
+    # SD_MODEL and CONTROLNET_MODEL when they are single files (their size and hash); None otherwise.
+    sd_file: ModelFile | None = None
+    controlnet_file: ModelFile | None = None
+    # LORA_DIR and LORA_CACHE, for the generator's LoRA adapters.
+    lora_dir: Path | None = None
+    lora_cache: int = 8
 
     @property
     def needs_warm_up(self) -> bool:
@@ -92,42 +99,66 @@ def load_pipelines(config: ModelConfig) -> Pipelines:
         pipe = build_random_pipeline(RANDOM_MODELS[config.sd_model])
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
-        model_name = config.sd_model
+        model_name, files = config.sd_model, {}
+        names = (config.sd_model, config.sd_model)
     else:
-        pipe = _load_pretrained(config.sd_model, config.controlnet_model, dtype)
-        model_name = f"{config.sd_model} + {config.controlnet_model}"
+        pipe, files = _load_pretrained(config, dtype)
+        settings = (config.sd_model, config.controlnet_model)
+        names = tuple(files[name].name if name in files else name for name in settings)
+        model_name = " + ".join(names)
     pipe = pipe.to(device)
     speed = apply_speed_settings(pipe, device, config.speed)
     pipe.set_progress_bar_config(disable=True)
     refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipe)
     refine.set_progress_bar_config(disable=True)
     log.info("loaded %s on %s as %s (%s)", model_name, device, dtype, speed)
-    return Pipelines(pipe, refine, device, dtype, model_name, speed)
+    return Pipelines(
+        pipe, refine, device, dtype, model_name, speed, names, files.get(config.sd_model),
+        files.get(config.controlnet_model), config.lora_dir, config.lora_cache,
+    )
 
 
 def _load_pretrained(
-    sd_model: str, controlnet_model: str, dtype: torch.dtype
-) -> StableDiffusionControlNetPipeline:
-    # Where each model comes from is settled before any weights load, so a message names the setting
+    config: ModelConfig, dtype: torch.dtype
+) -> tuple[StableDiffusionControlNetPipeline, dict[str, ModelFile]]:
+    """The pipeline, and the single files it was loaded from (by setting value) with their hashes."""
+    sd_model, controlnet_model = config.sd_model, config.controlnet_model
+    settings = {"SD_MODEL": sd_model, "CONTROLNET_MODEL": controlnet_model}
+    files = {name: Path(name).expanduser() for name in settings.values() if is_checkpoint_file(name)}
+    # Where each other model comes from is settled before any weights load, so a message names the setting
     # that failed, and without a network the cache is read at once instead of after the Hub's retries.
-    hub_reachable = _hub_reachable()
+    hub_reachable = not set(settings.values()) <= set(files) and _hub_reachable()
     sources = {
         setting: _model_source(setting, name, hub_reachable)
-        for setting, name in (("SD_MODEL", sd_model), ("CONTROLNET_MODEL", controlnet_model))
+        for setting, name in settings.items()
+        if name not in files
     }
-    controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, sources, torch_dtype=dtype)
-    pipe = _from_pretrained(
-        StableDiffusionControlNetPipeline,
-        "SD_MODEL",
-        sd_model,
-        sources,
-        controlnet=controlnet,
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    return pipe
+    allow_pickle = config.allow_pickle_checkpoints
+    if controlnet_model in files:
+        controlnet = load_controlnet_file(files[controlnet_model], allow_pickle, dtype)
+    else:
+        controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, sources, torch_dtype=dtype)
+    if sd_model in files:
+        pipe = load_sd_file(files[sd_model], allow_pickle, dtype, controlnet)
+    else:
+        pipe = _from_pretrained(
+            StableDiffusionControlNetPipeline,
+            "SD_MODEL",
+            sd_model,
+            sources,
+            controlnet=controlnet,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    widths = pipe.unet.config.cross_attention_dim, controlnet.config.cross_attention_dim
+    if widths[0] != widths[1]:
+        raise ModelLoadError(
+            f"SD_MODEL={sd_model!r} and CONTROLNET_MODEL={controlnet_model!r} do not fit together: the model attends "
+            f"to text {widths[0]} wide, the ControlNet to {widths[1]}. Pick a ControlNet made for this model."
+        )
+    return pipe, {name: ModelFile.of(path) for name, path in files.items()}
 
 
 def _hub_reachable() -> bool:
@@ -145,13 +176,15 @@ def _hub_reachable() -> bool:
 
 def _model_source(setting: str, name: str, hub_reachable: bool) -> str:
     """`folder`, `hub` or `cache` (the Hub's local cache, the Hub being out of reach), or a ModelLoadError."""
-    if Path(name).expanduser().exists():
+    where = Path(name).expanduser()
+    if where.is_dir():
         return "folder"
-    if not HUB_ID.fullmatch(name):
+    if where.exists() or not HUB_ID.fullmatch(name):
         raise ModelLoadError(
-            f"Could not load {setting}={name!r}: it is not a local folder, not a Hugging Face Hub id "
-            f"(owner/name), and not a built-in model ({', '.join(RANDOM_MODELS)}). Set {setting} to one of "
-            f"those; SD_MODEL={TINY_MODEL} tries the service offline."
+            f"Could not load {setting}={name!r}: it is not a local diffusers folder, not a checkpoint file "
+            f"(.safetensors), not a Hugging Face Hub id (owner/name), and not a built-in model "
+            f"({', '.join(RANDOM_MODELS)}). Set {setting} to one of those; SD_MODEL={TINY_MODEL} tries the "
+            "service offline."
         )
     if hub_reachable:
         return "hub"

@@ -16,7 +16,10 @@ from diffusers import (
 )
 from PIL import Image
 
+from stable_diffusion.checkpoints import ModelFile
 from stable_diffusion.errors import GenerationCanceled, GenerationOutOfMemory
+from stable_diffusion.lora_library import LoraLibrary
+from stable_diffusion.loras import LoraAdapters
 from stable_diffusion.per_sample import PIPELINE_GUIDANCE, BatchProgress, PerSampleControls, Sample
 from stable_diffusion.pipeline_initialization import Pipelines
 from stable_diffusion.recipe import Canceled, EventHandler, GenerationRequest, GenerationResult
@@ -48,10 +51,17 @@ class Generator:
             name: scheduler.from_config(pipelines.generate.scheduler.config) for name, scheduler in SCHEDULERS.items()
         }
         self._per_sample = PerSampleControls(pipelines)
+        self._loras = LoraAdapters(pipelines.generate, LoraLibrary(pipelines.lora_dir), pipelines.lora_cache)
 
     @property
     def model_name(self) -> str:
         return self.pipelines.model_name
+
+    @property
+    def model_hash(self) -> str | None:
+        """AUTOMATIC1111's `Model hash` of a single-file SD_MODEL; None for a folder or hub model."""
+        sd_file = self.pipelines.sd_file
+        return sd_file.short_hash if sd_file else None
 
     def describe(self) -> dict[str, object]:
         """What runs the generations, for GET /info."""
@@ -64,6 +74,10 @@ class Generator:
             **self.pipelines.speed.describe(),
             "warm_up_seconds": None if self.warm_up_seconds is None else round(self.warm_up_seconds, 3),
             "warm_up_sizes": _sizes(self.warm_up_sizes) if self.pipelines.needs_warm_up else [],
+            "model_files": {
+                "sd_model": _model_file(self.pipelines.names[0], self.pipelines.sd_file),
+                "controlnet_model": _model_file(self.pipelines.names[1], self.pipelines.controlnet_file),
+            },
         }
 
     def warm_up(self) -> None:
@@ -119,8 +133,10 @@ class Generator:
         self, requests: list[GenerationRequest], on_events: list[EventHandler | None]
     ) -> list[GenerationResult | Canceled]:
         started = time.perf_counter()
-        # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it.
+        # 1. Check inputs: the HTTP layer validated them; this guards callers that bypass it. Then make the
+        #    batch's LoRA set the active one (none: adapters off).
         _check_batch(requests)
+        loras = self._loras.activate(requests[0].loras)
         samples = [
             Sample(index, request, image)
             for index, request in enumerate(requests)
@@ -162,7 +178,7 @@ class Generator:
         seconds = time.perf_counter() - started
         return [
             progress.canceled.get(index)
-            or GenerationResult(tuple(images[index]), seconds, tuple(progress.previews[index]))
+            or GenerationResult(tuple(images[index]), seconds, tuple(progress.previews[index]), loras)
             for index in range(len(requests))
         ]
 
@@ -225,13 +241,20 @@ def _check_batch(requests: list[GenerationRequest]) -> None:
             raise ValueError("control_images is empty")
         if any(image.size != first.size for image in request.control_images):
             raise ValueError("control_images differ in size")
-        if (request.steps, request.scheduler) != (first.steps, first.scheduler):
-            raise ValueError("a batch must share its steps and scheduler")
+        if (request.steps, request.scheduler, request.loras) != (first.steps, first.scheduler, first.loras):
+            raise ValueError("a batch must share its steps, scheduler and LoRAs")
         if request.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {request.scheduler!r}")
     width, height = first.size
     if width % 8 or height % 8:
         raise ValueError(f"size {width}x{height} is not a multiple of 8")
+
+
+def _model_file(name: str, model_file: ModelFile | None) -> dict:
+    """A model as GET /models shows it: size and hash for a single file only."""
+    if model_file is None:
+        return {"name": name, "size_bytes": None, "sha256": None}
+    return {"name": model_file.name, "size_bytes": model_file.size, "sha256": model_file.sha256}
 
 
 def _sizes(sizes: tuple[tuple[int, int], ...]) -> list[str]:

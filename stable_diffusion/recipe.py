@@ -36,6 +36,8 @@ class GenerationRequest:
     refine_strength: float = 0.3
     scheduler: str = "unipc"
     progress_gif: bool = False
+    # LoRAs as (name, weight) pairs sorted by name (lora_library.LoraSet); requests share a run only with the same set.
+    loras: tuple[tuple[str, float], ...] = ()
     # The caller's full recipe (thresholds and resolution included), written into the output's metadata.
     recipe: dict = field(default_factory=dict, compare=False)
 
@@ -50,11 +52,21 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA a result was made with, as the recipe records it (`short_hash`: AUTOMATIC1111's Lora hash)."""
+
+    name: str
+    weight: float
+    short_hash: str
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     images: tuple[Image.Image, ...]
     seconds: float
     # With `progress_gif`: the picture after every denoising step, decoded from the latents.
     step_previews: tuple[Image.Image, ...] = ()
+    loras: tuple[AppliedLora, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ PROJECT = {"web", "service", "stable_diffusion", "app", "bench", "tests", "scrip
 TORCH_FREE = {
     "stable_diffusion", "stable_diffusion.errors", "stable_diffusion.recipe", "stable_diffusion.config",
     "stable_diffusion.image_processing", "stable_diffusion.gif_creator", "stable_diffusion.library_noise",
+    "stable_diffusion.lora_library",
 }
 
 

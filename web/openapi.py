@@ -8,12 +8,13 @@ from pydantic import BaseModel
 from service.settings import Settings
 from web.errors import Error
 from web.jobs import ShownJob
-from web.operations import Health, Info, NotReady, Ready
+from web.operations import Health, Info, Models, NotReady, Ready
 
 SCHEMAS = "#/components/schemas/"
 # The JSON bodies the API answers, by their name in the document.
 BODIES: dict[str, type[BaseModel]] = {
-    "Error": Error, "Health": Health, "Ready": Ready, "NotReady": NotReady, "Info": Info, "Job": ShownJob,
+    "Error": Error, "Health": Health, "Ready": Ready, "NotReady": NotReady, "Info": Info, "Models": Models,
+    "Job": ShownJob,
 }
 
 ERROR_STATUSES = {
@@ -78,6 +79,13 @@ def build_document(settings: Settings, generate_fields: type[BaseModel], edge_fi
             },
             "/info": {
                 "get": _operation("The model, the fields and the limits", {"200": _json("About", "Info")}, "401")
+            },
+            "/models": {
+                "get": _operation(
+                    "The base model, the ControlNet (single files with size and hash) and the LoRAs of LORA_DIR",
+                    {"200": _json("The models", "Models")},
+                    "401", "503",
+                )
             },
             "/metrics": {
                 "get": _operation(

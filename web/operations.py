@@ -69,6 +69,35 @@ class Info(BaseModel):
     limits: Limits
 
 
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a single file's name without its suffix, or the hub id, folder or built-in model")
+    size_bytes: int | None = Field(description="a single file's size; null for a hub id, folder or built-in model")
+    sha256: str | None = Field(
+        description="a single file's SHA-256 (AUTOMATIC1111's Model hash is its first 10 digits); else null"
+    )
+
+
+class LoraEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="what the loras field and <lora:name:weight> take: the file's name in LORA_DIR")
+    size_bytes: int
+    sha256: str = Field(description="the SHA-256 of the whole file")
+    short_hash: str = Field(description="AUTOMATIC1111's Lora hash: 12 digits of the SHA-256 of the tensors")
+
+
+class Models(BaseModel):
+    """What a request runs on: the base model, the ControlNet, and the LoRAs it may name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sd_model: ModelEntry
+    controlnet_model: ModelEntry
+    loras: list[LoraEntry]
+
+
 @operations.get("/health")
 @public
 def health():
@@ -102,6 +131,16 @@ def info():
     limits = Limits.model_validate(extensions["settings"], from_attributes=True)
     info = Info(**extensions["service"].describe(), fields=schemas, limits=limits)
     return jsonify(info.model_dump(mode="json"))
+
+
+@operations.get("/models")
+def models():
+    files = current_app.extensions["service"].describe()["model_files"]
+    loras = [
+        LoraEntry(name=lora.name, size_bytes=lora.size, sha256=lora.sha256, short_hash=lora.short_hash)
+        for lora in current_app.extensions["loras"].describe()
+    ]
+    return jsonify(Models(**files, loras=loras).model_dump(mode="json"))
 
 
 @operations.get("/metrics")

@@ -93,7 +93,8 @@ class GpuRunner:
     def _render(
         self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult
     ) -> tuple[RenderedOutput, int]:
-        rendered = render_output(request, result, upload, self.worker.generator.model_name)
+        generator = self.worker.generator
+        rendered = render_output(request, result, upload, generator.model_name, generator.model_hash)
         file_name = f"{stem}.{rendered.extension}"
         output = RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, self.name)
         return output, len(result.images)

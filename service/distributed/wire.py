@@ -31,6 +31,8 @@ def request_message(request: GenerationRequest, upload: DecodedImage, owner: str
 def read_request(message: dict) -> tuple[GenerationRequest, DecodedImage]:
     fields = dict(message["request"])
     fields["control_images"] = tuple(_image(text) for text in fields["control_images"])
+    # JSON has no tuples: the LoRA set comes back as lists, and requests batch by it, so it must hash.
+    fields["loras"] = tuple((name, weight) for name, weight in fields.get("loras", ()))
     upload = message["upload"]
     decoded = DecodedImage(upload["format"], (), tuple(upload["durations_ms"]), upload["loop"])
     return GenerationRequest(**fields), decoded

@@ -13,6 +13,7 @@ keyInput.value = localStorage.getItem("apiKey") || "";
 keyInput.addEventListener("change", () => {
   localStorage.setItem("apiKey", keyInput.value);
   previewEdgesSoon();
+  loadLoras();
 });
 for (const id of ["sensitivity", "low-threshold", "high-threshold"]) $(id).addEventListener("input", showValues);
 $("image").addEventListener("change", previewEdgesSoon);
@@ -26,6 +27,7 @@ $("cancel").addEventListener("click", () => {
   if (currentJob) call(`/jobs/${currentJob}`, { method: "DELETE" }).catch((error) => showError(error.message));
 });
 loadFieldLimits().catch((error) => showError(`Could not read the fields' limits from /openapi.json: ${error.message}`));
+loadLoras();
 
 // Limits, defaults and choices of the controls come from the OpenAPI document (public), built from
 // the same field definitions the server validates with, so the page never disagrees with the API.
@@ -50,6 +52,42 @@ async function loadFieldLimits() {
   }
   showValues();
   form.dataset.fields = "loaded";
+}
+
+// The LoRA picker: one row per LoRA of GET /models (it needs the key), each a checkbox and a weight.
+async function loadLoras() {
+  if (!keyInput.value) return;
+  const note = $("lora-note");
+  try {
+    const { loras } = await (await call("/models")).json();
+    $("lora-list").replaceChildren(...loras.map(loraRow));
+    note.textContent = loras.length ? "" : "The server has no LoRAs (its LORA_DIR folder is empty).";
+    note.hidden = loras.length > 0;
+  } catch (error) {
+    note.textContent = `Could not list the LoRAs: ${error.message}`;
+    note.hidden = false;
+  }
+  form.dataset.loras = "loaded";
+}
+
+function loraRow(lora) {
+  const row = document.createElement("label");
+  row.className = "check";
+  const chosen = Object.assign(document.createElement("input"), { type: "checkbox", value: lora.name });
+  chosen.dataset.lora = lora.name;
+  const weight = Object.assign(document.createElement("input"), {
+    type: "number", min: -2, max: 2, step: 0.05, value: 1, title: `weight of ${lora.name}`,
+  });
+  row.append(chosen, ` ${lora.name} `, weight);
+  return row;
+}
+
+// The checked LoRAs as the loras field takes them: name:weight,name:weight.
+function chosenLoras() {
+  return [...document.querySelectorAll("[data-lora]")]
+    .filter((box) => box.checked)
+    .map((box) => `${box.dataset.lora}:${box.parentElement.querySelector("input[type=number]").value || 1}`)
+    .join(",");
 }
 
 function showValues() {
@@ -106,6 +144,7 @@ async function generate() {
   $("result-seed").textContent = "";
   previewEdges();
 
+  $("loras").value = chosenLoras();
   $("submit").disabled = true;
   try {
     const job = await (await call("/jobs", { method: "POST", body: filledFields() })).json();

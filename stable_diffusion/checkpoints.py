@@ -1,0 +1,225 @@
+"""Single-file checkpoints, as AUTOMATIC1111 and ComfyUI users keep them: a Stable Diffusion 1.5 model or a
+ControlNet in the original (CompVis / lllyasviel) layout, one `.safetensors` file, loaded offline into the
+architecture whose configs ship in this package. A `.ckpt` is a Python pickle, which runs code as it loads,
+so it is read only when the operator allows it (ALLOW_PICKLE_CHECKPOINTS)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stable_diffusion.errors import ModelLoadError
+
+SAFE_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (SAFE_SUFFIX, *PICKLE_SUFFIXES)
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The shipped architectures a file may be, told apart by their cross-attention width (the text encoder's).
+ARCHITECTURES = {"SD 1.5": PACKAGE_DIR / "sd15_architecture", "tiny": PACKAGE_DIR / "tiny_model"}
+# The original layout's prefixes: the UNet, the VAE, the CLIP text encoder; a ControlNet's own.
+UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file as /models and the PNG recipe name it: its stem, size and SHA-256. AUTOMATIC1111's
+    `Model hash` is the first ten hex digits of the SHA-256 of the whole file."""
+
+    name: str
+    size: int
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    @classmethod
+    def of(cls, path: Path) -> ModelFile:
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            while chunk := file.read(HASH_CHUNK):
+                digest.update(chunk)
+        return cls(path.stem, path.stat().st_size, digest.hexdigest())
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """A setting names a single file (rather than a folder or a hub id) by its suffix."""
+    return name.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The file's tensors by name, or a ModelLoadError naming the setting and what the file is."""
+    where = f"{setting}={path}"
+    if not path.is_file():
+        raise ModelLoadError(f"Could not load {where}: no such file. Set {setting} to an existing checkpoint file.")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"Could not load {where}: the file is empty. Copy the checkpoint again.")
+    if path.suffix.lower() != SAFE_SUFFIX:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"Refusing {where}: a {path.suffix} file is a Python pickle, which can run any code as it loads. "
+                f"Use the model's .safetensors file, or set ALLOW_PICKLE_CHECKPOINTS=true if you trust this one."
+            )
+        return _read_pickle(where, path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not load {where}: it is not a readable .safetensors file ({_first_line(exc)}); it may be "
+            "truncated or another kind of file renamed. Download it again."
+        ) from None
+
+
+def _read_pickle(where: str, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged pickle raises whatever its bytes make of it
+        raise ModelLoadError(f"Could not load {where}: not a readable checkpoint ({_first_line(exc)}).") from None
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ModelLoadError(f"Could not load {where}: it holds a {type(checkpoint).__name__}, not named tensors.")
+    return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+
+
+def describe_contents(checkpoint: dict[str, torch.Tensor]) -> str:
+    """What kind of model the file holds, in words: SD 1.x, SD 2.x, SDXL, a ControlNet, a LoRA, or unknown."""
+    keys = checkpoint.keys()
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        return "an SDXL model"
+    if any(key.startswith("cond_stage_model.model.") for key in keys):
+        return "an SD 2.x model (its text encoder is OpenCLIP)"
+    if any("input_hint_block" in key for key in keys):
+        return "a ControlNet"
+    if any(key.startswith(("lora_unet_", "lora_te_")) or ".lora_" in key for key in keys):
+        return "a LoRA"
+    if any(key.startswith(UNET_PREFIX) for key in keys) and any(key.startswith(CLIP_PREFIX) for key in keys):
+        return "an SD 1.x model"
+    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+    return f"no Stable Diffusion weights (its first tensors: {sample})"
+
+
+def load_sd_file(
+    path: Path, allow_pickle: bool, dtype: torch.dtype, controlnet: ControlNetModel
+) -> StableDiffusionControlNetPipeline:
+    """An SD 1.5 single file as a pipeline, with the ControlNet given."""
+    checkpoint = read_checkpoint("SD_MODEL", path, allow_pickle)
+    contents = describe_contents(checkpoint)
+    if contents != "an SD 1.x model":
+        hint = " Set it as CONTROLNET_MODEL." if contents == "a ControlNet" else (
+            " Put it in LORA_DIR." if contents == "a LoRA" else " This service runs SD 1.5 models."
+        )
+        raise ModelLoadError(f"Could not load SD_MODEL={path}: the file holds {contents}.{hint}")
+    architecture, folder = _architecture("SD_MODEL", path, checkpoint)
+    unet = _component("SD_MODEL", path, UNet2DConditionModel, checkpoint, folder / "unet.json", dtype)
+    vae = _component("SD_MODEL", path, AutoencoderKL, checkpoint, folder / "vae.json", dtype)
+    tokenizer = CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"), model_max_length=77
+    )
+    text_encoder = _text_encoder(path, checkpoint, folder, tokenizer, dtype)
+    scheduler = UniPCMultistepScheduler.from_config(json.loads((folder / "scheduler.json").read_text()))
+    return StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> ControlNetModel:
+    checkpoint = read_checkpoint("CONTROLNET_MODEL", path, allow_pickle)
+    contents = describe_contents(checkpoint)
+    if contents != "a ControlNet":
+        hint = " Set it as SD_MODEL." if contents == "an SD 1.x model" else ""
+        raise ModelLoadError(
+            f"Could not load CONTROLNET_MODEL={path}: the file holds {contents}, not a ControlNet.{hint}"
+        )
+    _, folder = _architecture("CONTROLNET_MODEL", path, checkpoint)
+    return _component("CONTROLNET_MODEL", path, ControlNetModel, checkpoint, folder / "controlnet.json", dtype)
+
+
+def cross_attention_width(checkpoint: dict[str, torch.Tensor]) -> int | None:
+    """The width of the text the UNet (or ControlNet) attends to: 768 for SD 1.x."""
+    for key, tensor in checkpoint.items():
+        if key.endswith("attn2.to_k.weight") and tensor.ndim == 2:
+            return tensor.shape[1]
+    return None
+
+
+def _architecture(setting: str, path: Path, checkpoint: dict[str, torch.Tensor]) -> tuple[str, Path]:
+    width = cross_attention_width(checkpoint)
+    for name, folder in ARCHITECTURES.items():
+        if json.loads((folder / "unet.json").read_text())["cross_attention_dim"] == width:
+            return name, folder
+    raise ModelLoadError(
+        f"Could not load {setting}={path}: its cross-attention width is {width}, which fits none of the "
+        f"architectures this service ships ({', '.join(ARCHITECTURES)}; SD 1.5 is 768)."
+    )
+
+
+def _component(setting: str, path: Path, model_class, checkpoint: dict, config: Path, dtype: torch.dtype):
+    """One diffusers model from the file, converted from the original layout by diffusers itself."""
+    what = model_class.__name__
+    try:
+        model = model_class.from_single_file(checkpoint, config=str(config), torch_dtype=dtype)
+    except Exception as exc:  # diffusers' converters raise KeyError, ValueError, RuntimeError... on a bad file
+        raise ModelLoadError(
+            f"Could not load {setting}={path}: its {what} weights do not fit the SD 1.5 architecture "
+            f"({type(exc).__name__}: {_first_line(exc)})."
+        ) from None
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise ModelLoadError(
+            f"Could not load {setting}={path}: its {what} lacks {len(missing)} weights (first: {missing[0]}); "
+            "the file is incomplete."
+        )
+    return model.eval()
+
+
+def _text_encoder(
+    path: Path, checkpoint: dict, folder: Path, tokenizer: CLIPTokenizer, dtype: torch.dtype
+) -> CLIPTextModel:
+    config = json.loads((folder / "text_encoder.json").read_text())
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    model = CLIPTextModel(CLIPTextConfig(**config))
+    # Files name the tensors `text_model.…` (older transformers); from transformers 5.6 the model has no such
+    # wrapper. position_ids is a constant the model makes itself; older files carry it.
+    prefix = "text_model." if hasattr(model, "text_model") else ""
+    weights = {
+        prefix + key.removeprefix("text_model."): value
+        for key, value in convert_ldm_clip_checkpoint(checkpoint).items()
+        if not key.endswith("position_ids")
+    }
+    try:
+        problems = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"Could not load SD_MODEL={path}: its text encoder weights do not fit ({_first_line(exc)})."
+        ) from None
+    if problems.missing_keys or problems.unexpected_keys:
+        first = (problems.missing_keys or problems.unexpected_keys)[0]
+        raise ModelLoadError(
+            f"Could not load SD_MODEL={path}: its text encoder weights do not fit CLIP ViT-L/14 "
+            f"({len(problems.missing_keys)} missing, {len(problems.unexpected_keys)} unexpected; first: {first})."
+        )
+    return model.to(dtype).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
