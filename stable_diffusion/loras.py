@@ -69,19 +69,54 @@ class LoraAdapters:
         self._serial += 1
         adapter = f"lora_{self._serial}"
         try:
-            self._pipe.load_lora_weights(weights, adapter_name=adapter)
+            expected = self._add_adapter(weights, adapter)
         except Exception as exc:  # diffusers and peft raise ValueError, KeyError, RuntimeError... for a misfit
             self._remove_adapter(adapter)
             raise InvalidField(
                 f"loras: LoRA {name!r} does not fit the loaded model ({type(exc).__name__}: {_first_line(exc)}); "
                 "it may be made for another architecture (this service runs SD 1.5)."
             ) from None
-        if not self._has_adapter(adapter):
-            raise InvalidField(f"loras: LoRA {name!r} changes no layer of the loaded model; is it an SD 1.5 LoRA?")
+        found = self._adapter_weights(adapter)
+        if found != expected:
+            # peft would give layers without weights in the file new random ones: never paint with those.
+            self._remove_adapter(adapter)
+            raise InvalidField(
+                f"loras: LoRA {name!r} does not fit the loaded model: {expected} of its weights should land on "
+                f"{found} places; it may be made for another architecture (this service runs SD 1.5)."
+            )
         entry = self._loaded[name] = _Loaded(adapter, file)
         log.info("loaded LoRA %s (%d bytes) in %.2f s", name, file.size, time.perf_counter() - started)
         self._evict(keep)
         return entry
+
+    def _add_adapter(self, weights: dict, adapter: str) -> int:
+        """What load_lora_weights does, with the text encoder's names mended: the file (kohya, or diffusers'
+        own layout) names its layers `text_model.…`, which transformers 5.6 and later no longer nest the CLIP
+        text model under, and peft would fill such layers with random weights. Returns the LoRA weights the
+        file holds."""
+        pipe = self._pipe
+        state_dict, alphas, metadata = pipe.lora_state_dict(weights, return_lora_metadata=True)
+        if not hasattr(pipe.text_encoder, "text_model"):
+            def flat(key: str) -> str:
+                return key.replace("text_encoder.text_model.", "text_encoder.", 1)
+
+            state_dict = {flat(key): value for key, value in state_dict.items()}
+            alphas = {flat(key): value for key, value in alphas.items()} if alphas else alphas
+        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,
+                                 metadata=metadata, _pipeline=pipe)
+        pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=pipe.text_encoder,
+                                         lora_scale=pipe.lora_scale, adapter_name=adapter, metadata=metadata,
+                                         _pipeline=pipe)
+        return sum(".lora_A." in key or ".lora_B." in key or "lora.down" in key or "lora.up" in key
+                   for key in state_dict)
+
+    def _adapter_weights(self, adapter: str) -> int:
+        """The LoRA weights of `adapter` in the UNet and text encoder."""
+        return sum(
+            name.endswith((f"lora_A.{adapter}.weight", f"lora_B.{adapter}.weight"))
+            for model in (self._pipe.unet, self._pipe.text_encoder)
+            for name, _ in model.named_parameters()
+        )
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self._loaded):

@@ -1,0 +1,292 @@
+"""Models people bring: single-file checkpoints for SD_MODEL and CONTROLNET_MODEL, and LoRAs from LORA_DIR,
+with a real server started on files these tests write (the tiny architecture in the original layout)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import threading
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from service.distributed import wire
+from service.local import model_config
+from stable_diffusion.image_processing import DecodedImage
+from stable_diffusion.pipeline_initialization import ModelLoadError, build_tiny_pipeline, load_pipelines
+from stable_diffusion.recipe import GenerationRequest
+from tests.conftest import API_KEY, LiveServer, tiny_settings
+from tests.images import png_bytes
+from tests.model_files import (
+    write_controlnet_checkpoint,
+    write_kohya_lora,
+    write_sd_checkpoint,
+    write_wrong_architecture_lora,
+)
+from tests.test_batching import assert_same_picture
+
+HEADERS = {"x-api-key": API_KEY}
+FIELDS = {"prompt": "a lighthouse", "seed": "7", "refine_strength": "0.3"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny model as single files, and a LoRA folder with good and bad files."""
+    folder = tmp_path_factory.mktemp("own-models")
+    pipe = build_tiny_pipeline()
+    loras = folder / "lora"
+    loras.mkdir()
+    made = {
+        "model": write_sd_checkpoint(pipe, folder / "tiny-model.safetensors"),
+        "controlnet": write_controlnet_checkpoint(pipe.controlnet, folder / "tiny-canny.safetensors"),
+        "ink": write_kohya_lora(pipe.unet, pipe.text_encoder, loras / "ink.safetensors", seed=1),
+        "paper": write_kohya_lora(pipe.unet, pipe.text_encoder, loras / "paper.safetensors", seed=2),
+        "wrong-width": write_wrong_architecture_lora(loras / "wrong-width.safetensors"),
+    }
+    ink = made["ink"].read_bytes()
+    (loras / "broken.safetensors").write_bytes(ink[: len(ink) // 2])
+    (loras / "snapshot.safetensors").write_bytes(png_bytes())
+    (loras / "empty.safetensors").write_bytes(b"")
+    (loras / "notes.txt").write_text("not a LoRA file: never listed")
+    return made
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, files):
+    """Offline, on the single files; LORA_CACHE=1, so that switching LoRAs also unloads them."""
+    server = LiveServer(
+        tmp_path_factory.mktemp("own-models-server"),
+        SD_MODEL=str(files["model"]), CONTROLNET_MODEL=str(files["controlnet"]), LORA_DIR=str(files["ink"].parent),
+        LORA_CACHE="1", HF_HUB_OFFLINE="1", RATE_LIMIT_PER_MINUTE="0", BATCH_WAIT_MS="300",
+    )
+    server.wait_until_healthy()
+    yield server
+    server.stop()
+
+
+def generate(server, **fields) -> requests.Response:
+    return requests.post(
+        f"{server.url}/generate", headers=HEADERS, files={"image": ("photo.png", png_bytes())},
+        data=FIELDS | fields, verify=server.cert, timeout=120,
+    )
+
+
+def pixels(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def png_text(response: requests.Response) -> dict[str, str]:
+    return Image.open(io.BytesIO(response.content)).text
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_single_file_checkpoint_loads_offline_and_paints_as_the_model_it_was_made_from(server, files, live_server):
+    """The tiny model written in the original layout paints the same pixels as the built-in tiny model."""
+    own = generate(server)
+    assert np.array_equal(pixels(own), pixels(generate(live_server)))
+    parameters = png_text(own)["parameters"]
+    assert f"Model hash: {sha256(files['model'])[:10]}, Model: tiny-model + tiny-canny," in parameters
+    assert json.loads(png_text(own)["recipe"])["model_hash"] == sha256(files["model"])[:10]
+
+
+def test_models_lists_the_model_the_controlnet_and_the_loras_with_size_and_hash(server, files):
+    models = requests.get(f"{server.url}/models", headers=HEADERS, verify=server.cert, timeout=10).json()
+    assert models["sd_model"] == {
+        "name": "tiny-model", "size_bytes": files["model"].stat().st_size, "sha256": sha256(files["model"])
+    }
+    assert models["controlnet_model"]["name"] == "tiny-canny"
+    assert models["controlnet_model"]["sha256"] == sha256(files["controlnet"])
+    listed = {lora["name"]: lora for lora in models["loras"]}
+    assert set(listed) == {"broken", "empty", "ink", "paper", "snapshot", "wrong-width"}
+    ink = files["ink"].read_bytes()
+    header_end = 8 + int.from_bytes(ink[:8], "little")
+    assert listed["ink"] == {
+        "name": "ink", "size_bytes": len(ink), "sha256": hashlib.sha256(ink).hexdigest(),
+        "short_hash": hashlib.sha256(ink[header_end:]).hexdigest()[:12],
+    }
+    unauthorized = requests.get(f"{server.url}/models", verify=server.cert, timeout=10)
+    assert unauthorized.status_code == 401
+
+
+def test_a_lora_changes_the_picture_and_the_recipe_names_it_as_automatic1111_does(server, files):
+    plain = pixels(generate(server))
+    with_field = generate(server, loras="ink:0.8")
+    assert not np.array_equal(pixels(with_field), plain)
+    ink = files["ink"].read_bytes()
+    short_hash = hashlib.sha256(ink[8 + int.from_bytes(ink[:8], "little"):]).hexdigest()[:12]
+    prompt_line, _, settings_line = png_text(with_field)["parameters"].splitlines()
+    assert prompt_line == "a lighthouse <lora:ink:0.8>"
+    assert f'Lora hashes: "ink: {short_hash}"' in settings_line
+    recipe = json.loads(png_text(with_field)["recipe"])
+    assert recipe["loras"] == "ink:0.8" and recipe["prompt"] == "a lighthouse"
+    assert recipe["lora_hashes"] == {"ink": short_hash}
+    # As AUTOMATIC1111 users type it: the tag leaves the prompt and paints the same picture.
+    in_prompt = generate(server, prompt="a lighthouse <lora:ink:0.8>")
+    assert np.array_equal(pixels(in_prompt), pixels(with_field))
+    stronger = generate(server, loras="ink:1.6")
+    assert not np.array_equal(pixels(stronger), pixels(with_field))
+
+
+def test_after_a_lora_a_request_without_one_paints_as_a_fresh_server(server, live_server):
+    fresh = pixels(generate(live_server, seed="11"))
+    assert generate(server, seed="11", loras="paper:1").status_code == 200
+    assert np.array_equal(pixels(generate(server, seed="11")), fresh)
+    assert generate(server, seed="11", loras="ink:-1,paper:0.5").status_code == 200
+    assert np.array_equal(pixels(generate(server, seed="11")), fresh)
+
+
+def test_requests_with_different_loras_at_once_each_paint_as_when_run_alone(server):
+    """Queued together (one LoRA loaded at a time: LORA_CACHE=1), every request gets its own LoRA set and
+    nothing of its neighbours'; requests with the same set share a run."""
+    asked = [{"loras": "ink:1"}, {"loras": "paper:1"}, {"loras": "ink:1", "seed": "8"}, {}, {"loras": "paper:-1"}]
+    together: list[requests.Response | None] = [None] * len(asked)
+
+    def send(index: int) -> None:
+        together[index] = generate(server, **asked[index])
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(asked))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    alone = [pixels(generate(server, **fields)) for fields in asked]
+    for index, response in enumerate(together):
+        # Within the rounding a batch may bring (see test_batching); a neighbour's LoRA would be far beyond it.
+        assert_same_picture(pixels(response), alone[index])
+    assert len({pixels(response).tobytes() for response in together}) == len(asked)
+    output = server.output()
+    assert "loaded LoRA ink" in output and "unloaded LoRA ink" in output
+
+
+@pytest.mark.parametrize(
+    ("loras", "message"),
+    [
+        ("nothing-here:1", "no LoRA named 'nothing-here'; available: broken, empty, ink, paper, snapshot, wrong-width"),
+        ("../lora/ink:1", "does not name a LoRA"),
+        ("/etc/passwd", "does not name a LoRA"),
+        ("ink:2.5", "the weight of LoRA 'ink' is '2.5'; send a number from -2 to 2"),
+        ("ink:lots", "the weight of LoRA 'ink'"),
+        ("ink:1,ink:0.5", "LoRA 'ink' is named twice"),
+        ("notes", "no LoRA named 'notes'"),
+        ("broken:1", "LoRA 'broken' is not a readable .safetensors file"),
+        ("snapshot:1", "LoRA 'snapshot' is not a readable .safetensors file"),
+        ("empty:1", "LoRA 'empty' is not a readable .safetensors file"),
+        ("wrong-width:1", "LoRA 'wrong-width' does not fit the loaded model"),
+    ],
+)
+def test_a_bad_lora_is_a_clear_400_and_the_server_keeps_painting_as_before(server, live_server, loras, message):
+    response = generate(server, loras=loras)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"] and response.json()["error"].startswith("loras: ")
+    assert np.array_equal(pixels(generate(server, seed="12")), pixels(generate(live_server, seed="12")))
+
+
+def test_a_bad_lora_in_the_prompt_is_a_clear_400(server):
+    response = generate(server, prompt="a lighthouse <lora:ink:heavy>")
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("prompt: the weight of LoRA 'ink'")
+
+
+def test_a_lora_set_travels_to_a_gpu_worker_intact():
+    """QUEUE_BACKEND=celery: the task's JSON gives back a request that batches like the one sent."""
+    request = GenerationRequest("r", (Image.new("RGB", (64, 64)),), "p", loras=(("ink", 0.8), ("paper", -1.0)))
+    sent = wire.request_message(request, DecodedImage("PNG", (), (), 0), "owner", "stem", events=False)
+    message = json.loads(json.dumps(sent))
+    received, _ = wire.read_request(message)
+    assert received.loras == request.loras and hash(received.loras) == hash(request.loras)
+
+
+# Start-up: a file that is not an SD 1.5 checkpoint is one clear line naming the setting and what was found.
+
+
+def _fake(path, tensors: dict[str, tuple[int, ...]]):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, str(path))
+    return path
+
+
+def _bad_model_files(folder, files) -> dict[str, tuple]:
+    model = files["model"].read_bytes()
+    return {
+        "empty": (folder / "empty.safetensors", b"", "the file is empty"),
+        "truncated": (folder / "cut.safetensors", model[: len(model) // 3], "not a readable .safetensors file"),
+        "a PNG renamed": (folder / "photo.safetensors", png_bytes(), "not a readable .safetensors file"),
+        "SDXL": (_fake(folder / "xl.safetensors", {"conditioner.embedders.1.model.ln_final.weight": (4,)}), None,
+                 "the file holds an SDXL model. This service runs SD 1.5 models."),
+        "SD 2": (_fake(folder / "v2.safetensors", {"cond_stage_model.model.ln_final.weight": (4,),
+                                                   "model.diffusion_model.out.2.bias": (4,)}), None,
+                 "the file holds an SD 2.x model"),
+        "a LoRA": (files["ink"], None, "the file holds a LoRA. Put it in LORA_DIR."),
+        "a ControlNet": (files["controlnet"], None, "the file holds a ControlNet. Set it as CONTROLNET_MODEL."),
+        "a pickle": (folder / "model.ckpt", b"not read", "a .ckpt file is a Python pickle"),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty", "truncated", "a PNG renamed", "SDXL", "SD 2", "a LoRA", "a ControlNet", "a pickle"]
+)
+def test_a_model_file_that_is_no_sd15_checkpoint_is_named_at_load(tmp_path, files, kind):
+    path, content, message = _bad_model_files(tmp_path, files)[kind]
+    if content is not None:
+        path.write_bytes(content)
+    settings = tiny_settings(tmp_path, SD_MODEL=str(path), CONTROLNET_MODEL=str(files["controlnet"]))
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipelines(model_config(settings))
+    assert f"SD_MODEL={path}" in str(raised.value) and message in str(raised.value)
+
+
+def test_a_controlnet_file_that_is_a_model_says_so(tmp_path, files):
+    settings = tiny_settings(tmp_path, SD_MODEL=str(files["model"]), CONTROLNET_MODEL=str(files["model"]))
+    with pytest.raises(ModelLoadError, match=r"CONTROLNET_MODEL=.*holds an SD 1.x model, not a ControlNet"):
+        load_pipelines(model_config(settings))
+
+
+def test_a_truncated_model_file_stops_the_server_with_one_clear_line(tmp_path, files):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(files["model"].read_bytes()[:100_000])
+    server = LiveServer(tmp_path, SD_MODEL=str(cut), CONTROLNET_MODEL=str(files["controlnet"]), HF_HUB_OFFLINE="1")
+    try:
+        assert server.process.wait(timeout=120) != 0
+    finally:
+        server.log.close()
+    output = server.output()
+    assert re.search(rf"Could not load SD_MODEL={re.escape(str(cut))}: it is not a readable \.safetensors file", output)
+    assert "Traceback" not in output
+
+
+def test_a_pickle_checkpoint_runs_no_code_unless_allowed_and_then_loads(tmp_path, files):
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+
+    marker = tmp_path / "the pickle ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    hostile = tmp_path / "hostile.ckpt"
+    hostile.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    refused = tiny_settings(tmp_path, SD_MODEL=str(hostile), CONTROLNET_MODEL=str(files["controlnet"]))
+    with pytest.raises(ModelLoadError, match="ALLOW_PICKLE_CHECKPOINTS=true"):
+        load_pipelines(model_config(refused))
+    assert not marker.exists()
+
+    trusted = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": load_file(files["model"])}, trusted)
+    allowed = tiny_settings(
+        tmp_path, SD_MODEL=str(trusted), CONTROLNET_MODEL=str(files["controlnet"]), ALLOW_PICKLE_CHECKPOINTS="true"
+    )
+    pipelines = load_pipelines(model_config(allowed))
+    assert pipelines.names == ("trusted", "tiny-canny") and pipelines.sd_file.sha256 == sha256(trusted)
