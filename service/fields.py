@@ -108,7 +108,7 @@ def generate_fields_model(settings: Settings, library: LoraLibrary | None = None
             False, description="true or false: return an animated GIF of the denoising instead of the PNG"
         )
         loras: Annotated[LoraSet, BeforeValidator(_lora_text), WithJsonSchema({"type": "string"})] = Field(
-            (), description=(
+            (), json_schema_extra={"default": ""}, description=(
                 f"LoRAs to apply, as name:weight pairs separated by commas (name: a file of LORA_DIR without "
                 f".safetensors, GET /models lists them; weight {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, 1 when left out; "
                 f"at most {MAX_LORAS_PER_REQUEST}); <lora:name:weight> in the prompt works too"

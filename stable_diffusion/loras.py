@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from diffusers import StableDiffusionControlNetPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers.utils import logging as transformers_logging
 
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.lora_library import LoraFile, LoraLibrary, LoraSet
@@ -102,11 +106,12 @@ class LoraAdapters:
 
             state_dict = {flat(key): value for key, value in state_dict.items()}
             alphas = {flat(key): value for key, value in alphas.items()} if alphas else alphas
-        pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,
-                                 metadata=metadata, _pipeline=pipe)
-        pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=pipe.text_encoder,
-                                         lora_scale=pipe.lora_scale, adapter_name=adapter, metadata=metadata,
-                                         _pipeline=pipe)
+        with _quiet_loading():
+            pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,
+                                     metadata=metadata, _pipeline=pipe)
+            pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=pipe.text_encoder,
+                                             lora_scale=pipe.lora_scale, adapter_name=adapter, metadata=metadata,
+                                             _pipeline=pipe)
         return sum(".lora_A." in key or ".lora_B." in key or "lora.down" in key or "lora.up" in key
                    for key in state_dict)
 
@@ -136,6 +141,23 @@ class LoraAdapters:
     def _remove_adapter(self, adapter: str) -> None:
         if self._has_adapter(adapter):
             self._pipe.delete_adapters(adapter)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without what misleads in a server log: a second adapter makes transformers report the text encoder's
+    LoRA weights MISSING (they are loaded: `_adapter_weights` counts them, and tests compare them), peft warns
+    that a model holds several adapters (it is meant to), and a progress bar per load."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

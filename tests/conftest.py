@@ -20,9 +20,10 @@ from app import create_app
 from service.local import LocalGenerationService, model_config
 from service.settings import REPO_ROOT, Settings
 from service.worker import GenerationWorker
-from stable_diffusion.pipeline_initialization import load_pipelines
+from stable_diffusion.pipeline_initialization import build_tiny_pipeline, load_pipelines
 from stable_diffusion.pipeline_service import Generator
 from tests.doubles import Gated
+from tests.model_files import write_kohya_lora
 
 API_KEY = "test-key-0123456789abcdef"
 SECOND_KEY = "second-key-fedcba9876543210"
@@ -182,6 +183,20 @@ def live_server(tmp_path_factory):
     """One default server for the whole run (each start costs about 10 s). Tests that change settings,
     count files or stop the server start their own. No rate limit: modules in a row would share its minute."""
     server = LiveServer(tmp_path_factory.mktemp("live"), RATE_LIMIT_PER_MINUTE="0")
+    server.wait_until_healthy()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_server(tmp_path_factory):
+    """A default server whose LORA_DIR holds two LoRAs, ink and paper: what the page's picker and the client's
+    --lora are tried on (test_own_models.py tries the LoRAs themselves)."""
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = build_tiny_pipeline()
+    for seed, name in enumerate(("ink", "paper"), start=1):
+        write_kohya_lora(pipe.unet, pipe.text_encoder, folder / f"{name}.safetensors", seed=seed)
+    server = LiveServer(tmp_path_factory.mktemp("lora-server"), LORA_DIR=str(folder), RATE_LIMIT_PER_MINUTE="0")
     server.wait_until_healthy()
     yield server
     server.stop()

@@ -120,14 +120,18 @@ def run_and_wait(browser) -> str:
     return element(browser, "result-seed").text
 
 
-def recipe_of_result(browser, live_server) -> dict:
-    """The recipe the server wrote into the picture the page shows, fetched by its job id."""
+def text_of_result(browser, live_server) -> dict[str, str]:
+    """The text chunks the server wrote into the picture the page shows (recipe, parameters), fetched by its job id."""
     job_id = element(browser, "download").get_attribute("download").removesuffix(".png")
     response = requests.get(
         f"{live_server.url}/jobs/{job_id}/result", headers={"x-api-key": API_KEY}, verify=str(live_server.cert),
         timeout=30,
     )
-    return json.loads(Image.open(io.BytesIO(response.content)).text["recipe"])
+    return Image.open(io.BytesIO(response.content)).text
+
+
+def recipe_of_result(browser, live_server) -> dict:
+    return json.loads(text_of_result(browser, live_server)["recipe"])
 
 
 def test_the_advanced_controls_take_their_limits_from_the_api_and_are_honoured(browser, live_server, tmp_path):
@@ -160,6 +164,30 @@ def test_the_advanced_controls_take_their_limits_from_the_api_and_are_honoured(b
     assert recipe_of_result(browser, live_server)["seed"] == random_seed
     element(browser, "reuse-seed").click()
     assert element(browser, "seed").get_attribute("value") == str(random_seed)
+
+
+def test_the_lora_picker_lists_the_servers_loras_and_sends_only_the_checked_one_with_its_weight(
+    browser, lora_server, tmp_path
+):
+    # No key saved for this server, so the list loads once, on the typed key's change event, and stays.
+    browser.get(f"{lora_server.url}/")
+    browser.execute_script("localStorage.clear();")
+    fill_form(browser, lora_server, tmp_path, API_KEY)
+    WebDriverWait(browser, 30).until(lambda _: element(browser, "generate-form").get_attribute("data-loras"))
+    element(browser, "advanced").find_element(By.TAG_NAME, "summary").click()
+    rows = {row.text.strip(): row for row in element(browser, "lora-list").find_elements(By.TAG_NAME, "label")}
+    assert list(rows) == ["ink", "paper"] and not element(browser, "lora-note").is_displayed()
+
+    rows["ink"].find_element(By.CSS_SELECTOR, "[data-lora]").click()
+    for name, weight in (("ink", "0.5"), ("paper", "2")):  # paper's weight changed, but paper left unchecked
+        weight_input = rows[name].find_element(By.CSS_SELECTOR, "input[type=number]")
+        weight_input.clear()
+        weight_input.send_keys(weight)
+    run_and_wait(browser)
+    text = text_of_result(browser, lora_server)
+    assert json.loads(text["recipe"])["loras"] == "ink:0.5"
+    assert text["parameters"].splitlines()[0] == "a lighthouse on a cliff <lora:ink:0.5>"
+    assert "paper" not in text["parameters"]
 
 
 def soft_drawing() -> bytes:

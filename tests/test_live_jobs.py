@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -52,9 +53,9 @@ def test_finished_jobs_survive_a_crash_and_unfinished_ones_come_back_failed(tmp_
         second.stop()
 
 
-def run_client(live_server, *arguments: str) -> subprocess.CompletedProcess:
+def run_client(live_server, *arguments: str, command: str = "generate") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stable_diffusion.client", "generate", *arguments, "--url", live_server.url],
+        [sys.executable, "-m", "stable_diffusion.client", command, *arguments, "--url", live_server.url],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
 
@@ -81,6 +82,27 @@ def test_the_command_line_client_reports_api_errors(live_server, tmp_path):
                            str(live_server.cert), "--sensitivity", "9")
     assert bad_field.returncode == 1 and "sensitivity" in bad_field.stderr
     assert not list(tmp_path.glob("*.png"))[1:]  # nothing saved beside the input
+
+
+def test_the_command_line_client_applies_and_lists_the_servers_loras(lora_server, tmp_path):
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    trusted = ("--key", API_KEY, "--ca-cert", str(lora_server.cert))
+    completed = run_client(
+        lora_server, str(tmp_path / "in.png"), "a red door", *trusted,
+        "--lora", "ink:0.8", "--lora", "paper:-1", "-o", str(tmp_path / "out.png"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(Image.open(tmp_path / "out.png").text["recipe"])["loras"] == "ink:0.8,paper:-1"
+
+    listed = run_client(lora_server, *trusted, command="models")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[1] for line in listed.stdout.splitlines() if line.startswith("lora: ")] == ["ink", "paper"]
+
+    unknown = run_client(lora_server, str(tmp_path / "in.png"), "x", *trusted, "--lora", "nope:1", "-o",
+                         str(tmp_path / "nope.png"))
+    assert unknown.returncode == 1
+    assert "400: loras: no LoRA named 'nope'; available: ink, paper." in unknown.stderr
+    assert not (tmp_path / "nope.png").exists()
 
 
 def test_the_command_line_client_says_how_to_trust_the_self_signed_certificate(live_server, tmp_path):
