@@ -131,7 +131,8 @@ def generate_fields_model(settings: Settings, library: LoraLibrary | None = None
 
         @model_validator(mode="after")
         def _loras_exist(self):
-            library.check(self.loras)
+            if self.loras:
+                library.check(self.loras)
             return self
 
     return GenerateFields

@@ -3,6 +3,7 @@ returned: a PNG carrying its recipe (also in AUTOMATIC1111's text form) or a GIF
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 
@@ -101,8 +102,10 @@ def a1111_parameters(
         "Guidance end": request.control_end,
     }
     if loras:
-        # Quoted, as AUTOMATIC1111 writes it: the value holds commas.
-        settings["Lora hashes"] = '"' + ", ".join(f"{lora.name}: {lora.short_hash}" for lora in loras) + '"'
+        # Quoted as AUTOMATIC1111 quotes a value holding commas: as a JSON string.
+        settings["Lora hashes"] = json.dumps(
+            ", ".join(f"{lora.name}: {lora.short_hash}" for lora in loras), ensure_ascii=False
+        )
     tags = "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
     return "\n".join(
         [

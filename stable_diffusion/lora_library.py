@@ -6,9 +6,11 @@ with it, and the model side (loras.py) finds the files through it."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ MIN_WEIGHT, MAX_WEIGHT = -2.0, 2.0
 NAME = re.compile(r"[^/\\:,<>\x00-\x1f]+")
 PROMPT_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 HASH_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 # A request's LoRAs: (name, weight) pairs, sorted by name, so that equal sets compare equal.
 LoraSet = tuple[tuple[str, float], ...]
@@ -60,54 +64,75 @@ class LoraLibrary:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
-        self._hashes: dict[tuple[Path, int, int], tuple[str, str]] = {}
+        self._hashes: dict[tuple, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def names(self) -> dict[str, Path]:
-        """Every name a request may use, with its file."""
-        if self.folder is None or not self.folder.is_dir():
+        """Every name a request may use, with its file: not hidden, no spaces around it, nothing a request
+        could not write. A folder that is missing or unreadable has none (logged)."""
+        if self.folder is None:
             return {}
-        return {
-            path.stem: path
-            for path in sorted(self.folder.iterdir())
-            if path.suffix == LORA_SUFFIX and NAME.fullmatch(path.stem) and path.is_file()
-        }
+        try:
+            paths = list(self.folder.iterdir())
+        except OSError as exc:
+            log.warning("LORA_DIR %s cannot be listed (%s): no LoRAs", self.folder, exc.strerror or exc)
+            return {}
+        named = {path.stem: path for path in paths if path.suffix == LORA_SUFFIX and _nameable(path.stem)}
+        return {name: path for name, path in sorted(named.items()) if path.is_file()}
 
     def check(self, loras: LoraSet) -> None:
         """InvalidField naming the unknown ones and listing what there is."""
         available = self.names()
         unknown = [name for name, _ in loras if name not in available]
+        if unknown and self.folder is not None and not self.folder.is_dir():
+            raise InvalidField("loras: this server has no LoRAs (its LORA_DIR is not a folder).")
         if unknown:
-            listed = ", ".join(available) if available else f"none: LORA_DIR ({self.folder}) has no {LORA_SUFFIX} files"
+            listed = ", ".join(available) if available else f"none: the server's LORA_DIR has no {LORA_SUFFIX} files"
             raise InvalidField(f"loras: no LoRA named {', '.join(map(repr, unknown))}; available: {listed}.")
 
     def file(self, name: str) -> LoraFile:
+        """The file and its hashes; InvalidField when it is gone or cannot be read."""
         path = self.names().get(name)
         if path is None:
             self.check(((name, 1.0),))
-        stat = path.stat()
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            hashes = self._hashes.get(key)
-        if hashes is None:
-            hashes = file_hashes(path)
+        try:
+            stat = path.stat()
+            # A file copied over another keeps no ctime or inode: its hashes are computed anew.
+            key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            # One hashing at a time: callers asking for the same file wait for its hashes instead of reading it too.
             with self._lock:
-                self._hashes[key] = hashes
+                if key not in self._hashes:
+                    self._hashes[key] = file_hashes(path)
+                hashes = self._hashes[key]
+        except OSError as exc:
+            raise InvalidField(
+                f"loras: the file of LoRA {name!r} cannot be read ({exc.strerror or exc}); ask the operator."
+            ) from None
         return LoraFile(name, path, stat.st_size, hashes[0], hashes[1][:12])
 
     def describe(self) -> list[LoraFile]:
-        return [self.file(name) for name in self.names()]
+        """Every LoRA that can be read (one that cannot is logged and left out)."""
+        files = []
+        for name in self.names():
+            try:
+                files.append(self.file(name))
+            except InvalidField as exc:
+                log.warning("%s", exc.message)
+        return files
 
 
 def parse_loras(text: str) -> LoraSet:
     """`name:weight,name:weight` (a name alone weighs 1) as (name, weight) pairs, sorted by name."""
-    pairs = [_pair(entry.strip(), "loras") for entry in text.split(",") if entry.strip()]
-    return _as_set(pairs, "loras")
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    _check_count(len(entries), "loras")
+    return _as_set([_pair(entry, "loras") for entry in entries], "loras")
 
 
 def take_prompt_loras(prompt: str) -> tuple[str, LoraSet]:
     """The prompt without its `<lora:name:weight>` tags, and the LoRAs they name."""
-    pairs = [_pair(match.group(1).strip(), "prompt", match.group(0)) for match in PROMPT_TAG.finditer(prompt)]
+    tags = list(PROMPT_TAG.finditer(prompt))
+    _check_count(len(tags), "prompt")
+    pairs = [_pair(match.group(1).strip(), "prompt", match.group(0)) for match in tags]
     cleaned = re.sub(r"\s+(?=[,.;]|$)", "", re.sub(r"\s{2,}", " ", PROMPT_TAG.sub(" ", prompt))).strip(" ,")
     return cleaned, _as_set(pairs, "prompt")
 
@@ -116,11 +141,15 @@ def merge(first: LoraSet, second: LoraSet) -> LoraSet:
     return _as_set([*first, *second], "loras")
 
 
+def _nameable(name: str) -> bool:
+    return bool(NAME.fullmatch(name)) and name == name.strip() and not name.startswith(".") and len(name) <= 255
+
+
 def _pair(entry: str, field: str, shown: str | None = None) -> tuple[str, float]:
     shown = shown or entry
     name, _, weight_text = entry.partition(":")
     name = name.strip()
-    if not NAME.fullmatch(name) or name in (".", ".."):
+    if not _nameable(name):
         raise InvalidField(
             f"{field}: {shown[:80]!r} does not name a LoRA; write name:weight (the file's name without "
             f"{LORA_SUFFIX}, no path), weight from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}."
@@ -139,11 +168,15 @@ def _pair(entry: str, field: str, shown: str | None = None) -> tuple[str, float]
     return name, weight
 
 
+def _check_count(count: int, field: str) -> None:
+    """Before anything is parsed, so that a field of thousands of entries costs no more than a glance."""
+    if count > MAX_LORAS_PER_REQUEST:
+        raise InvalidField(f"{field}: {count} LoRAs; a request may use at most {MAX_LORAS_PER_REQUEST}.")
+
+
 def _as_set(pairs: list[tuple[str, float]], field: str) -> LoraSet:
-    names = [name for name, _ in pairs]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    _check_count(len(pairs), field)
+    twice = sorted(name for name, count in Counter(name for name, _ in pairs).items() if count > 1)
     if twice:
         raise InvalidField(f"{field}: LoRA {', '.join(map(repr, twice))} is named twice; name each LoRA once.")
-    if len(pairs) > MAX_LORAS_PER_REQUEST:
-        raise InvalidField(f"{field}: {len(pairs)} LoRAs; a request may use at most {MAX_LORAS_PER_REQUEST}.")
     return tuple(sorted(pairs))

@@ -6,6 +6,7 @@ with the adapters switched off, so that a request without LoRAs gets the base mo
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -13,11 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from diffusers import StableDiffusionControlNetPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
+from stable_diffusion.checkpoints import describe_contents
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.lora_library import LoraFile, LoraLibrary, LoraSet
 from stable_diffusion.recipe import AppliedLora
@@ -69,59 +72,61 @@ class LoraAdapters:
                 f"loras: the file of LoRA {name!r} is not a readable .safetensors file ({_first_line(exc)}); "
                 "replace it in LORA_DIR."
             ) from None
+        if not any("lora" in key for key in weights):
+            raise InvalidField(
+                f"loras: the file of LoRA {name!r} holds no LoRA weights: it holds {describe_contents(weights)}. "
+                "Replace it in LORA_DIR."
+            )
         # peft names adapters as module attributes: no dots, so a serial number rather than the file's name.
         self._serial += 1
         adapter = f"lora_{self._serial}"
         try:
-            expected = self._add_adapter(weights, adapter)
+            misfit = self._misfit(adapter, self._add_adapter(weights, adapter))
+        except torch.OutOfMemoryError:
+            self._remove_adapter(adapter)
+            raise  # the generator answers it as the GPU's memory, not the file's fault
         except Exception as exc:  # diffusers and peft raise ValueError, KeyError, RuntimeError... for a misfit
             self._remove_adapter(adapter)
-            raise InvalidField(
-                f"loras: LoRA {name!r} does not fit the loaded model ({type(exc).__name__}: {_first_line(exc)}); "
-                "it may be made for another architecture (this service runs SD 1.5)."
-            ) from None
-        found = self._adapter_weights(adapter)
-        if found != expected:
-            # peft would give layers without weights in the file new random ones: never paint with those.
+            misfit = f"{type(exc).__name__}: {_first_line(exc)}"
+        if misfit:
             self._remove_adapter(adapter)
             raise InvalidField(
-                f"loras: LoRA {name!r} does not fit the loaded model: {expected} of its weights should land on "
-                f"{found} places; it may be made for another architecture (this service runs SD 1.5)."
+                f"loras: LoRA {name!r} does not fit the loaded model ({misfit}); it may be made for another "
+                "architecture (this service runs SD 1.5)."
             )
         entry = self._loaded[name] = _Loaded(adapter, file)
         log.info("loaded LoRA %s (%d bytes) in %.2f s", name, file.size, time.perf_counter() - started)
         self._evict(keep)
         return entry
 
-    def _add_adapter(self, weights: dict, adapter: str) -> int:
-        """What load_lora_weights does, with the text encoder's names mended: the file (kohya, or diffusers'
-        own layout) names its layers `text_model.…`, which transformers 5.6 and later no longer nest the CLIP
-        text model under, and peft would fill such layers with random weights. Returns the LoRA weights the
-        file holds."""
-        pipe = self._pipe
-        state_dict, alphas, metadata = pipe.lora_state_dict(weights, return_lora_metadata=True)
-        if not hasattr(pipe.text_encoder, "text_model"):
-            def flat(key: str) -> str:
-                return key.replace("text_encoder.text_model.", "text_encoder.", 1)
-
-            state_dict = {flat(key): value for key, value in state_dict.items()}
-            alphas = {flat(key): value for key, value in alphas.items()} if alphas else alphas
+    def _add_adapter(self, weights: dict, adapter: str) -> dict[str, float]:
+        """Load the file as `adapter`; returns, per model, the size of the file's up-projection weights that
+        should land there (read from diffusers' own conversion of the file)."""
+        state_dict, _ = self._pipe.lora_state_dict(dict(weights))
+        expected = {
+            prefix: sum(
+                float(value.abs().sum()) for key, value in state_dict.items()
+                if key.startswith(f"{prefix}.") and key.endswith(".weight") and (".up." in key or "lora_B" in key)
+            )
+            for prefix in ("unet", "text_encoder")
+        }
         with _quiet_loading():
-            pipe.load_lora_into_unet(state_dict, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter,
-                                     metadata=metadata, _pipeline=pipe)
-            pipe.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=pipe.text_encoder,
-                                             lora_scale=pipe.lora_scale, adapter_name=adapter, metadata=metadata,
-                                             _pipeline=pipe)
-        return sum(".lora_A." in key or ".lora_B." in key or "lora.down" in key or "lora.up" in key
-                   for key in state_dict)
+            self._pipe.load_lora_weights(weights, adapter_name=adapter)
+        return expected
 
-    def _adapter_weights(self, adapter: str) -> int:
-        """The LoRA weights of `adapter` in the UNet and text encoder."""
-        return sum(
-            name.endswith((f"lora_A.{adapter}.weight", f"lora_B.{adapter}.weight"))
-            for model in (self._pipe.unet, self._pipe.text_encoder)
-            for name, _ in model.named_parameters()
-        )
+    def _misfit(self, adapter: str, expected: dict[str, float]) -> str | None:
+        """What did not land: each model's up-projection weights of `adapter` must add up to the file's, or a
+        layer kept its initial weights (peft starts them at zero) while the file meant something else."""
+        for prefix, model in (("unet", self._pipe.unet), ("text_encoder", self._pipe.text_encoder)):
+            landed = sum(
+                float(parameter.detach().abs().sum()) for name, parameter in model.named_parameters()
+                if name.endswith(f"lora_B.{adapter}.weight")
+            )
+            if not math.isclose(landed, expected[prefix], rel_tol=1e-2, abs_tol=1e-6):
+                return f"its {prefix} weights did not land on the model's layers"
+        if not self._has_adapter(adapter):
+            return "no layer of the model took it"
+        return None
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self._loaded):
@@ -146,8 +151,8 @@ class LoraAdapters:
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Without what misleads in a server log: a second adapter makes transformers report the text encoder's
-    LoRA weights MISSING (they are loaded: `_adapter_weights` counts them, and tests compare them), peft warns
-    that a model holds several adapters (it is meant to), and a progress bar per load."""
+    LoRA weights MISSING (they are loaded: `_misfit` checks that they landed), peft warns that a model holds
+    several adapters (it is meant to), and a progress bar per load."""
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()

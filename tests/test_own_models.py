@@ -12,7 +12,9 @@ import threading
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from service.distributed import wire
 from service.local import model_config
@@ -49,9 +51,21 @@ def files(tmp_path_factory):
     }
     ink = made["ink"].read_bytes()
     (loras / "broken.safetensors").write_bytes(ink[: len(ink) // 2])
+    # The text encoder's half of ink alone: it changes the picture only if it lands on the text encoder.
+    ink_tensors = load_file(made["ink"])
+    save_file({key: value for key, value in ink_tensors.items() if key.startswith("lora_te_")},
+              str(loras / "ink-text.safetensors"))
+    # ink with a text-encoder layer more than the model has: diffusers alone would load the rest and say nothing.
+    deeper = {key.replace("layers_0_", "layers_7_"): value.clone()
+              for key, value in ink_tensors.items() if key.startswith("lora_te_text_model_encoder_layers_0_")}
+    save_file(ink_tensors | deeper, str(loras / "deeper.safetensors"))
+    # A valid safetensors file that holds no LoRA (a textual-inversion embedding).
+    save_file({"emb_params": torch.zeros(2, 32)}, str(loras / "embedding.safetensors"))
     (loras / "snapshot.safetensors").write_bytes(png_bytes())
     (loras / "empty.safetensors").write_bytes(b"")
     (loras / "notes.txt").write_text("not a LoRA file: never listed")
+    # A pickle is never a LoRA: the folder's .safetensors files are all that is listed and loaded.
+    (loras / "evil.ckpt").write_bytes(b"never unpickled")
     return made
 
 
@@ -105,7 +119,9 @@ def test_models_lists_the_model_the_controlnet_and_the_loras_with_size_and_hash(
     assert models["controlnet_model"]["name"] == "tiny-canny"
     assert models["controlnet_model"]["sha256"] == sha256(files["controlnet"])
     listed = {lora["name"]: lora for lora in models["loras"]}
-    assert set(listed) == {"broken", "empty", "ink", "paper", "snapshot", "wrong-width"}
+    assert set(listed) == {
+        "broken", "deeper", "embedding", "empty", "ink", "ink-text", "paper", "snapshot", "wrong-width"
+    }
     ink = files["ink"].read_bytes()
     header_end = 8 + int.from_bytes(ink[:8], "little")
     assert listed["ink"] == {
@@ -164,35 +180,77 @@ def test_requests_with_different_loras_at_once_each_paint_as_when_run_alone(serv
     assert len({pixels(response).tobytes() for response in together}) == len(asked)
     output = server.output()
     assert "loaded LoRA ink" in output and "unloaded LoRA ink" in output
+    # The two ink requests were queued together, so they shared a run; different sets never do.
+    ink_ids = {together[index].headers["X-Request-ID"] for index in (0, 2)}
+    shared = [set(re.findall(r"[0-9a-f]{32}", line)) for line in output.splitlines() if "share one run" in line]
+    assert ink_ids in shared
+    other_ids = {together[index].headers["X-Request-ID"] for index in (1, 3, 4)}
+    assert not any(len(run & ink_ids) and len(run & other_ids) for run in shared)
 
 
 @pytest.mark.parametrize(
     ("loras", "message"),
     [
-        ("nothing-here:1", "no LoRA named 'nothing-here'; available: broken, empty, ink, paper, snapshot, wrong-width"),
+        ("nothing-here:1", "no LoRA named 'nothing-here'; available: broken, deeper, embedding, empty, ink, ink-text, "
+                           "paper, snapshot, wrong-width"),
         ("../lora/ink:1", "does not name a LoRA"),
         ("/etc/passwd", "does not name a LoRA"),
         ("ink:2.5", "the weight of LoRA 'ink' is '2.5'; send a number from -2 to 2"),
         ("ink:lots", "the weight of LoRA 'ink'"),
         ("ink:1,ink:0.5", "LoRA 'ink' is named twice"),
         ("notes", "no LoRA named 'notes'"),
+        ("evil:1", "no LoRA named 'evil'"),
         ("broken:1", "LoRA 'broken' is not a readable .safetensors file"),
         ("snapshot:1", "LoRA 'snapshot' is not a readable .safetensors file"),
         ("empty:1", "LoRA 'empty' is not a readable .safetensors file"),
         ("wrong-width:1", "LoRA 'wrong-width' does not fit the loaded model"),
+        ("embedding:1", "the file of LoRA 'embedding' holds no LoRA weights"),
+        ("deeper:1", "LoRA 'deeper' does not fit the loaded model (its text_encoder weights did not land"),
     ],
 )
 def test_a_bad_lora_is_a_clear_400_and_the_server_keeps_painting_as_before(server, live_server, loras, message):
-    response = generate(server, loras=loras)
+    response = generate(server, loras=loras)  # within generate()'s timeout, however long the field
     assert response.status_code == 400, response.text
     assert message in response.json()["error"] and response.json()["error"].startswith("loras: ")
     assert np.array_equal(pixels(generate(server, seed="12")), pixels(generate(live_server, seed="12")))
+
+
+def test_a_field_of_thousands_of_loras_is_refused_at_once(server):
+    """Counted before anything is parsed: tens of thousands of names (up to the form's 256 KB) never hold a
+    thread for long (comparing every name with every other took 40 s)."""
+    names = ",".join(f"n{index}" for index in range(36_000))
+    response = requests.post(
+        f"{server.url}/generate", headers=HEADERS, files={"image": ("photo.png", png_bytes())},
+        data=FIELDS | {"loras": names}, verify=server.cert, timeout=10,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "loras: 36000 LoRAs; a request may use at most 8."
 
 
 def test_a_bad_lora_in_the_prompt_is_a_clear_400(server):
     response = generate(server, prompt="a lighthouse <lora:ink:heavy>")
     assert response.status_code == 400
     assert response.json()["error"].startswith("prompt: the weight of LoRA 'ink'")
+    many = generate(server, prompt="a lighthouse" + "<lora:ink:1>" * 20_000)
+    assert many.status_code == 400 and many.json()["error"] == "prompt: 20000 LoRAs; a request may use at most 8."
+
+
+def test_the_text_encoders_half_of_a_lora_takes_effect(server):
+    """A LoRA of the text encoder alone changes the picture: its weights land on the text encoder's layers."""
+    plain = pixels(generate(server, seed="13"))
+    text_only = pixels(generate(server, seed="13", loras="ink-text:1"))
+    assert np.abs(text_only.astype(int) - plain).mean() > 1
+
+
+def test_without_a_lora_folder_naming_a_lora_is_a_clear_400(tmp_path):
+    from service.errors import InvalidField
+    from service.fields import generate_fields_model, parse_fields
+
+    settings = tiny_settings(tmp_path, LORA_DIR=str(tmp_path / "no-such-folder"))
+    fields = generate_fields_model(settings)
+    assert parse_fields(fields, {"prompt": "a lighthouse"}).loras == ()
+    with pytest.raises(InvalidField, match=r"^loras: this server has no LoRAs \(its LORA_DIR is not a folder\)\.$"):
+        parse_fields(fields, {"prompt": "a lighthouse", "loras": "ink:1"})
 
 
 def test_a_lora_set_travels_to_a_gpu_worker_intact():
@@ -290,3 +348,36 @@ def test_a_pickle_checkpoint_runs_no_code_unless_allowed_and_then_loads(tmp_path
     )
     pipelines = load_pipelines(model_config(allowed))
     assert pipelines.names == ("trusted", "tiny-canny") and pipelines.sd_file.sha256 == sha256(trusted)
+
+
+# The full-size SD 1.5 layout, written once per test session from the shipped configs (random weights).
+
+
+@pytest.fixture(scope="session")
+def full_size_files(tmp_path_factory):
+    import torch
+
+    from stable_diffusion.pipeline_initialization import FULL_SIZE_MODEL_DIR, build_random_pipeline
+
+    folder = tmp_path_factory.mktemp("sd15-files")
+    pipe = build_random_pipeline(FULL_SIZE_MODEL_DIR)
+    model = write_sd_checkpoint(pipe, folder / "sd15-random.safetensors", dtype=torch.float16)
+    controlnet = write_controlnet_checkpoint(pipe.controlnet, folder / "sd15-canny.safetensors", dtype=torch.float16)
+    return model, controlnet
+
+
+def test_an_sd15_file_loads_offline_with_the_sd15_architecture_and_the_clip_tokenizer(full_size_files, monkeypatch):
+    from stable_diffusion.config import ModelConfig
+    from stable_diffusion.pipeline_service import Generator
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, controlnet = full_size_files
+    pipelines = load_pipelines(ModelConfig(str(model), str(controlnet), device="cpu"))
+    pipe = pipelines.generate
+    assert list(pipe.unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert pipe.unet.config.cross_attention_dim == 768
+    assert pipe.controlnet.config.cross_attention_dim == 768 and pipe.text_encoder.config.hidden_size == 768
+    # CLIP ViT-L/14's own token ids: real prompts mean to the model what they meant in training.
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    request = GenerationRequest("sd15", (Image.new("RGB", (64, 64)),), "a photo of a cat", steps=1)
+    assert Generator(pipelines).run(request).images[0].size == (64, 64)

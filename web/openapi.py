@@ -84,7 +84,7 @@ def build_document(settings: Settings, generate_fields: type[BaseModel], edge_fi
                 "get": _operation(
                     "The base model, the ControlNet (single files with size and hash) and the LoRAs of LORA_DIR",
                     {"200": _json("The models", "Models")},
-                    "401", "503",
+                    "401",
                 )
             },
             "/metrics": {

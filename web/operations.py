@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.errors import ModelNotReady
 from service.interface import Generated, ServiceState
 from service.jobs import JobStore
 from web.access import public
@@ -89,12 +90,13 @@ class LoraEntry(BaseModel):
 
 
 class Models(BaseModel):
-    """What a request runs on: the base model, the ControlNet, and the LoRAs it may name."""
+    """What a request runs on: the base model and the ControlNet (null while the model loads), and the LoRAs
+    it may name."""
 
     model_config = ConfigDict(extra="forbid")
 
-    sd_model: ModelEntry
-    controlnet_model: ModelEntry
+    sd_model: ModelEntry | None
+    controlnet_model: ModelEntry | None
     loras: list[LoraEntry]
 
 
@@ -135,7 +137,11 @@ def info():
 
 @operations.get("/models")
 def models():
-    files = current_app.extensions["service"].describe()["model_files"]
+    try:
+        files = current_app.extensions["service"].describe().get("model_files")
+    except ModelNotReady:
+        files = None
+    files = files or {"sd_model": None, "controlnet_model": None}
     loras = [
         LoraEntry(name=lora.name, size_bytes=lora.size, sha256=lora.sha256, short_hash=lora.short_hash)
         for lora in current_app.extensions["loras"].describe()
