@@ -40,14 +40,22 @@ class LoraAdapters:
         # By name, least recently used first.
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._serial = 0
+        # With TORCH_COMPILE, the UNet's compiled forward while a LoRA batch runs it uncompiled.
+        self._compiled_forward = None
 
     def activate(self, loras: LoraSet) -> tuple[AppliedLora, ...]:
         """Make `loras` the active set (none: adapters off); InvalidField for a file that is missing, is no
         LoRA, or does not fit the model."""
         if not loras:
-            if self._loaded:
+            if self._loaded and self._compiled_forward is not None:
+                # Back to exactly the layers the UNet was compiled with, so that its graphs still hold.
+                self._pipe.unload_lora_weights()
+                self._loaded.clear()
+            elif self._loaded:
                 self._pipe.disable_lora()
+            self._compiled(True)
             return ()
+        self._compiled(False)
         loaded = [self._load(name, keep={name for name, _ in loras}) for name, _ in loras]
         self._pipe.enable_lora()
         self._pipe.set_adapters([entry.adapter for entry in loaded], [weight for _, weight in loras])
@@ -55,6 +63,16 @@ class LoraAdapters:
             AppliedLora(name, weight, entry.file.short_hash)
             for (name, weight), entry in zip(loras, loaded, strict=True)
         )
+
+    def _compiled(self, on: bool) -> None:
+        """With TORCH_COMPILE, a batch with LoRAs runs the UNet uncompiled: every new adapter, set or weight
+        would make torch compile it again (one to two minutes each on a CPU, measured), stalling the queue;
+        batches without LoRAs keep the compiled UNet. Without TORCH_COMPILE, nothing to do."""
+        unet = self._pipe.unet
+        if on and self._compiled_forward is not None:
+            unet.forward, self._compiled_forward = self._compiled_forward, None
+        elif not on and "forward" in vars(unet):
+            self._compiled_forward = vars(unet).pop("forward")
 
     def _load(self, name: str, keep: set[str]) -> _Loaded:
         file = self._library.file(name)

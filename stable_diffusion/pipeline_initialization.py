@@ -107,6 +107,10 @@ def load_pipelines(config: ModelConfig) -> Pipelines:
         names = tuple(files[name].name if name in files else name for name in settings)
         model_name = " + ".join(names)
     pipe = pipe.to(device)
+    # Inference only. Frozen from the start, as peft freezes a model it adds a LoRA to: a compiled model
+    # would otherwise see its weights change under it and compile again.
+    for model in (pipe.unet, pipe.controlnet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
     speed = apply_speed_settings(pipe, device, config.speed)
     pipe.set_progress_bar_config(disable=True)
     refine = StableDiffusionControlNetImg2ImgPipeline.from_pipe(pipe)

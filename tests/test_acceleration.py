@@ -50,10 +50,10 @@ def test_without_compile_or_gpu_there_is_no_warm_up(pipeline_service):
     assert pipeline_service.describe()["warm_up_sizes"] == []
 
 
-def generate(server, seed: int, picture: bytes | None = None) -> requests.Response:
+def generate(server, seed: int, picture: bytes | None = None, **fields: str) -> requests.Response:
     return requests.post(
         f"{server.url}/generate", headers=KEY, files={"image": ("p.png", picture or png_bytes())},
-        data={"prompt": "a lighthouse", "seed": str(seed)}, verify=server.cert, timeout=300,
+        data={"prompt": "a lighthouse", "seed": str(seed), **fields}, verify=server.cert, timeout=300,
     )
 
 
@@ -76,12 +76,13 @@ def wait_until_ready(server, timeout: float) -> set[str]:
     pytest.fail(f"not ready after {timeout} s: {states}\n{server.output()}")
 
 
-def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_request(tmp_path, live_server):
+def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_request(tmp_path, live_server, lora_server):
     # Batches of up to 4 (fewer graphs to compile than the default 8, for the suite's time): the warm-up
     # runs 1, 2 and 4 pictures of each size; the test sends a batch of 3 square pictures and a 4:3 one
     # alone (64x48 at the tests' resolution of 64).
     server = LiveServer(tmp_path, TORCH_COMPILE="default", BATCH_SIZE="4", BATCH_WAIT_MS="2000",
-                        WARM_UP_SIZES="64x64,64x48", TORCH_LOGS="recompiles")
+                        WARM_UP_SIZES="64x64,64x48", TORCH_LOGS="recompiles",
+                        LORA_DIR=lora_server.environment["LORA_DIR"])
     try:
         assert "warming_up" in wait_until_ready(server, timeout=900)
         info = requests.get(f"{server.url}/info", headers=KEY, verify=server.cert, timeout=10).json()
@@ -106,6 +107,15 @@ def test_a_compiled_server_warms_up_before_ready_and_never_compiles_for_a_reques
         assert Image.open(io.BytesIO(compiled[-1].content)).size == (64, 48)
         run_seconds = re.findall(r"generation_s=([\d.]+)", (tmp_path / "api.log").read_text())
         assert len(run_seconds) == 4 and len(set(run_seconds[:3])) == 1, run_seconds
+
+        # LoRAs: their batches run the UNet uncompiled (a new adapter, set or weight would compile it again),
+        # painting what an uncompiled server paints; the next batch without one is compiled again, as before.
+        for loras in ("ink:1", "ink:0.5,paper:1"):
+            with_lora = generate(server, 25, square, loras=loras)
+            reference = generate(lora_server, 25, square, loras=loras)
+            assert_same_picture(Image.open(io.BytesIO(with_lora.content)), Image.open(io.BytesIO(reference.content)))
+        plain_again = generate(server, 21, square)
+        assert_same_picture(Image.open(io.BytesIO(plain_again.content)), Image.open(io.BytesIO(compiled[0].content)))
         after_warm_up = server.output()[warmed_up.search(server.output()).end():]
         assert "Recompiling" not in after_warm_up, after_warm_up[-3000:]
     finally:
