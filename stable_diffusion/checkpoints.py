@@ -31,9 +31,8 @@ CHECKPOINT_SUFFIXES = (SAFE_SUFFIX, *PICKLE_SUFFIXES)
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The shipped architectures a file may be, told apart by their cross-attention width (the text encoder's).
 ARCHITECTURES = {"SD 1.5": PACKAGE_DIR / "sd15_architecture", "tiny": PACKAGE_DIR / "tiny_model"}
-# The original layout's prefixes: the UNet, the VAE, the CLIP text encoder; a ControlNet's own.
-UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
-HASH_CHUNK = 1 << 20
+# The original layout's prefixes of the UNet and the CLIP text encoder.
+UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,8 @@ class ModelFile:
 
     @classmethod
     def of(cls, path: Path) -> ModelFile:
-        digest = hashlib.sha256()
         with path.open("rb") as file:
-            while chunk := file.read(HASH_CHUNK):
-                digest.update(chunk)
+            digest = hashlib.file_digest(file, "sha256")
         return cls(path.stem, path.stat().st_size, digest.hexdigest())
 
 
@@ -81,7 +78,7 @@ def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> dict[str, t
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"Could not load {where}: it is not a readable .safetensors file ({_first_line(exc)}); it may be "
+            f"Could not load {where}: it is not a readable .safetensors file ({first_line(exc)}); it may be "
             "truncated or another kind of file renamed. Download it again."
         ) from None
 
@@ -90,7 +87,7 @@ def _read_pickle(where: str, path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a damaged pickle raises whatever its bytes make of it
-        raise ModelLoadError(f"Could not load {where}: not a readable checkpoint ({_first_line(exc)}).") from None
+        raise ModelLoadError(f"Could not load {where}: not a readable checkpoint ({first_line(exc)}).") from None
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
@@ -126,12 +123,10 @@ def load_sd_file(
             " Put it in LORA_DIR." if contents == "a LoRA" else " This service runs SD 1.5 models."
         )
         raise ModelLoadError(f"Could not load SD_MODEL={path}: the file holds {contents}.{hint}")
-    architecture, folder = _architecture("SD_MODEL", path, checkpoint)
+    folder = _architecture("SD_MODEL", path, checkpoint)
     unet = _component("SD_MODEL", path, UNet2DConditionModel, checkpoint, folder / "unet.json", dtype)
     vae = _component("SD_MODEL", path, AutoencoderKL, checkpoint, folder / "vae.json", dtype)
-    tokenizer = CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"), model_max_length=77
-    )
+    tokenizer = load_tokenizer(folder)
     text_encoder = _text_encoder(path, checkpoint, folder, tokenizer, dtype)
     scheduler = UniPCMultistepScheduler.from_config(json.loads((folder / "scheduler.json").read_text()))
     return StableDiffusionControlNetPipeline(
@@ -148,7 +143,7 @@ def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> 
         raise ModelLoadError(
             f"Could not load CONTROLNET_MODEL={path}: the file holds {contents}, not a ControlNet.{hint}"
         )
-    _, folder = _architecture("CONTROLNET_MODEL", path, checkpoint)
+    folder = _architecture("CONTROLNET_MODEL", path, checkpoint)
     return _component("CONTROLNET_MODEL", path, ControlNetModel, checkpoint, folder / "controlnet.json", dtype)
 
 
@@ -160,11 +155,18 @@ def cross_attention_width(checkpoint: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _architecture(setting: str, path: Path, checkpoint: dict[str, torch.Tensor]) -> tuple[str, Path]:
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The CLIP tokenizer in `folder`/tokenizer (vocab.json, merges.txt)."""
+    tokenizer_dir = folder / "tokenizer"
+    return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77)
+
+
+def _architecture(setting: str, path: Path, checkpoint: dict[str, torch.Tensor]) -> Path:
+    """The folder of the shipped architecture the file's weights are made for."""
     width = cross_attention_width(checkpoint)
-    for name, folder in ARCHITECTURES.items():
+    for folder in ARCHITECTURES.values():
         if json.loads((folder / "unet.json").read_text())["cross_attention_dim"] == width:
-            return name, folder
+            return folder
     raise ModelLoadError(
         f"Could not load {setting}={path}: its cross-attention width is {width}, which fits none of the "
         f"architectures this service ships ({', '.join(ARCHITECTURES)}; SD 1.5 is 768)."
@@ -179,7 +181,7 @@ def _component(setting: str, path: Path, model_class, checkpoint: dict, config: 
     except Exception as exc:  # diffusers' converters raise KeyError, ValueError, RuntimeError... on a bad file
         raise ModelLoadError(
             f"Could not load {setting}={path}: its {what} weights do not fit the SD 1.5 architecture "
-            f"({type(exc).__name__}: {_first_line(exc)})."
+            f"({type(exc).__name__}: {first_line(exc)})."
         ) from None
     missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if missing:
@@ -209,7 +211,7 @@ def _text_encoder(
         problems = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"Could not load SD_MODEL={path}: its text encoder weights do not fit ({_first_line(exc)})."
+            f"Could not load SD_MODEL={path}: its text encoder weights do not fit ({first_line(exc)})."
         ) from None
     if problems.missing_keys or problems.unexpected_keys:
         first = (problems.missing_keys or problems.unexpected_keys)[0]
@@ -220,6 +222,7 @@ def _text_encoder(
     return model.to(dtype).eval()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 300 characters, for a message; its type when it says nothing."""
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__

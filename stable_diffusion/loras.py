@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
-from stable_diffusion.checkpoints import describe_contents
+from stable_diffusion.checkpoints import describe_contents, first_line
 from stable_diffusion.errors import InvalidField
 from stable_diffusion.lora_library import LoraFile, LoraLibrary, LoraSet
 from stable_diffusion.recipe import AppliedLora
@@ -87,7 +87,7 @@ class LoraAdapters:
             weights = load_file(file.path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise InvalidField(
-                f"loras: the file of LoRA {name!r} is not a readable .safetensors file ({_first_line(exc)}); "
+                f"loras: the file of LoRA {name!r} is not a readable .safetensors file ({first_line(exc)}); "
                 "replace it in LORA_DIR."
             ) from None
         if not any("lora" in key for key in weights):
@@ -104,8 +104,7 @@ class LoraAdapters:
             self._remove_adapter(adapter)
             raise  # the generator answers it as the GPU's memory, not the file's fault
         except Exception as exc:  # diffusers and peft raise ValueError, KeyError, RuntimeError... for a misfit
-            self._remove_adapter(adapter)
-            misfit = f"{type(exc).__name__}: {_first_line(exc)}"
+            misfit = f"{type(exc).__name__}: {first_line(exc)}"
         if misfit:
             self._remove_adapter(adapter)
             raise InvalidField(
@@ -181,8 +180,3 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

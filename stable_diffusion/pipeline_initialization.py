@@ -20,10 +20,16 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from stable_diffusion.acceleration import Speed, apply_speed_settings
-from stable_diffusion.checkpoints import ModelFile, is_checkpoint_file, load_controlnet_file, load_sd_file
+from stable_diffusion.checkpoints import (
+    ModelFile,
+    is_checkpoint_file,
+    load_controlnet_file,
+    load_sd_file,
+    load_tokenizer,
+)
 from stable_diffusion.config import ModelConfig
 from stable_diffusion.errors import ModelLoadError
 
@@ -239,13 +245,10 @@ def build_random_pipeline(config_dir: Path) -> StableDiffusionControlNetPipeline
 
     config = {name: json.loads((config_dir / f"{name}.json").read_text()) for name in
               ("unet", "controlnet", "vae", "text_encoder", "scheduler")}
-    tokenizer_dir = TINY_MODEL_DIR / "tokenizer"
     return StableDiffusionControlNetPipeline(
         vae=seeded(lambda: AutoencoderKL(**config["vae"])),
         text_encoder=seeded(lambda: CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))),
-        tokenizer=CLIPTokenizer(
-            str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
-        ),
+        tokenizer=load_tokenizer(TINY_MODEL_DIR),
         unet=seeded(lambda: UNet2DConditionModel(**config["unet"])),
         controlnet=seeded(lambda: _wake_zero_convolutions(ControlNetModel(**config["controlnet"]))),
         scheduler=UniPCMultistepScheduler(**config["scheduler"]),
