@@ -5,9 +5,10 @@ so it is read only when the operator allows it (ALLOW_PICKLE_CHECKPOINTS)."""
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ from diffusers import (
 )
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stable_diffusion.errors import ModelLoadError
+from stable_diffusion.file_reading import HASHES, FileChanged, FileHashes, read_whole
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -33,26 +35,29 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ARCHITECTURES = {"SD 1.5": PACKAGE_DIR / "sd15_architecture", "tiny": PACKAGE_DIR / "tiny_model"}
 # The original layout's prefixes of the UNet and the CLIP text encoder.
 UNET_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
+# A checkpoint is read whole into memory; SDXL files are about 7 GB.
+MAX_CHECKPOINT_BYTES = 40 << 30
 
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A model file as /models and the PNG recipe name it: its stem, size and SHA-256. AUTOMATIC1111's
-    `Model hash` is the first ten hex digits of the SHA-256 of the whole file."""
+    """A model file as /models and the PNG recipe name it: its stem, size and hashes, which are computed in the
+    background from the bytes loaded (file_reading.py). AUTOMATIC1111's `Model hash` is the first ten hex
+    digits of the SHA-256 of the whole file."""
 
     name: str
     size: int
-    sha256: str
+    hashes: Future[FileHashes] = field(compare=False, repr=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """None until the hashing is done."""
+        return self.hashes.result().sha256 if self.hashes.done() else None
 
     @property
     def short_hash(self) -> str:
-        return self.sha256[:10]
-
-    @classmethod
-    def of(cls, path: Path) -> ModelFile:
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256")
-        return cls(path.stem, path.stat().st_size, digest.hexdigest())
+        """Waits for the hashing: the recipe is written after a run, off the GPU's thread."""
+        return self.hashes.result().sha256[:10]
 
 
 def is_checkpoint_file(name: str) -> bool:
@@ -60,32 +65,46 @@ def is_checkpoint_file(name: str) -> bool:
     return name.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
-def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The file's tensors by name, or a ModelLoadError naming the setting and what the file is."""
+def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], ModelFile]:
+    """The file's tensors by name and the file, or a ModelLoadError naming the setting and what the file is.
+    The file is read whole, one version of it (file_reading.py): one changed while read is refused, never
+    mapped, so truncating it cannot kill the process."""
     where = f"{setting}={path}"
     if not path.is_file():
         raise ModelLoadError(f"Could not load {where}: no such file. Set {setting} to an existing checkpoint file.")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"Could not load {where}: the file is empty. Copy the checkpoint again.")
-    if path.suffix.lower() != SAFE_SUFFIX:
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"Refusing {where}: a {path.suffix} file is a Python pickle, which can run any code as it loads. "
-                f"Use the model's .safetensors file, or set ALLOW_PICKLE_CHECKPOINTS=true if you trust this one."
-            )
-        return _read_pickle(where, path)
+    pickled = path.suffix.lower() != SAFE_SUFFIX
+    if pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"Refusing {where}: a {path.suffix} file is a Python pickle, which can run any code as it loads. "
+            f"Use the model's .safetensors file, or set ALLOW_PICKLE_CHECKPOINTS=true if you trust this one."
+        )
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
+        data, version = read_whole(path, MAX_CHECKPOINT_BYTES)
+    except FileChanged:
+        raise ModelLoadError(
+            f"Could not load {where}: the file changed while it was read; start again once it is copied whole."
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"Could not load {where}: {exc.strerror or exc}.") from None
+    model_file = ModelFile(path.stem, version.size, HASHES.of_bytes(version, data))
+    return (_read_pickle(where, data) if pickled else _read_safetensors(where, data)), model_file
+
+
+def _read_safetensors(where: str, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load {where}: it is not a readable .safetensors file ({first_line(exc)}); it may be "
             "truncated or another kind of file renamed. Download it again."
         ) from None
 
 
-def _read_pickle(where: str, path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(where: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # a damaged pickle raises whatever its bytes make of it
         raise ModelLoadError(f"Could not load {where}: not a readable checkpoint ({first_line(exc)}).") from None
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -114,9 +133,9 @@ def describe_contents(checkpoint: dict[str, torch.Tensor]) -> str:
 
 def load_sd_file(
     path: Path, allow_pickle: bool, dtype: torch.dtype, controlnet: ControlNetModel
-) -> StableDiffusionControlNetPipeline:
+) -> tuple[StableDiffusionControlNetPipeline, ModelFile]:
     """An SD 1.5 single file as a pipeline, with the ControlNet given."""
-    checkpoint = read_checkpoint("SD_MODEL", path, allow_pickle)
+    checkpoint, model_file = read_checkpoint("SD_MODEL", path, allow_pickle)
     contents = describe_contents(checkpoint)
     if contents != "an SD 1.x model":
         hint = " Set it as CONTROLNET_MODEL." if contents == "a ControlNet" else (
@@ -129,14 +148,15 @@ def load_sd_file(
     tokenizer = load_tokenizer(folder)
     text_encoder = _text_encoder(path, checkpoint, folder, tokenizer, dtype)
     scheduler = UniPCMultistepScheduler.from_config(json.loads((folder / "scheduler.json").read_text()))
-    return StableDiffusionControlNetPipeline(
+    pipe = StableDiffusionControlNetPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    return pipe, model_file
 
 
-def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> ControlNetModel:
-    checkpoint = read_checkpoint("CONTROLNET_MODEL", path, allow_pickle)
+def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> tuple[ControlNetModel, ModelFile]:
+    checkpoint, model_file = read_checkpoint("CONTROLNET_MODEL", path, allow_pickle)
     contents = describe_contents(checkpoint)
     if contents != "a ControlNet":
         hint = " Set it as SD_MODEL." if contents == "an SD 1.x model" else ""
@@ -144,7 +164,8 @@ def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> 
             f"Could not load CONTROLNET_MODEL={path}: the file holds {contents}, not a ControlNet.{hint}"
         )
     folder = _architecture("CONTROLNET_MODEL", path, checkpoint)
-    return _component("CONTROLNET_MODEL", path, ControlNetModel, checkpoint, folder / "controlnet.json", dtype)
+    controlnet = _component("CONTROLNET_MODEL", path, ControlNetModel, checkpoint, folder / "controlnet.json", dtype)
+    return controlnet, model_file
 
 
 def cross_attention_width(checkpoint: dict[str, torch.Tensor]) -> int | None:

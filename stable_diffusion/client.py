@@ -157,14 +157,18 @@ def _print_models(client: Client, ca_cert: str | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for role in ("sd_model", "controlnet_model"):
-        model = models[role]
-        print(f"{role}: {model['name']}" + (f" ({model['size_bytes']} bytes, sha256 {model['sha256']})"
-                                            if model["sha256"] else ""))
+        model = models[role] or {"name": "(loading)", "size_bytes": None}
+        print(f"{role}: {model['name']}" + (_file_facts(model) if model["size_bytes"] is not None else ""))
     for lora in models["loras"]:
-        print(f"lora: {lora['name']} ({lora['size_bytes']} bytes, sha256 {lora['sha256']})")
+        print(f"lora: {lora['name']}{_file_facts(lora)}")
     if not models["loras"]:
         print("no LoRAs (the server's LORA_DIR is empty)")
     return 0
+
+
+def _file_facts(entry: dict) -> str:
+    """Size and hash; the server hashes files in the background, and says null until it has."""
+    return f" ({entry['size_bytes']} bytes, sha256 {entry['sha256'] or 'not computed yet'})"
 
 
 def _show_progress(bar: tqdm, kind: str, data: dict) -> None:

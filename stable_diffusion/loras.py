@@ -11,34 +11,48 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from diffusers import StableDiffusionControlNetPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from transformers.utils import logging as transformers_logging
 
 from stable_diffusion.checkpoints import describe_contents, first_line
 from stable_diffusion.errors import InvalidField
-from stable_diffusion.lora_library import LoraFile, LoraLibrary, LoraSet
+from stable_diffusion.file_reading import HASHES, FileHashes, FileVersion
+from stable_diffusion.lora_library import MAX_WEIGHT, MIN_WEIGHT, LoraLibrary, LoraSet, family, lora_text_width
 from stable_diffusion.recipe import AppliedLora
 
 log = logging.getLogger(__name__)
 
 
+# The largest magnitude a LoRA may add to a weight at its highest request weight: what half precision holds,
+# the precision GPUs run in. A LoRA beyond it (an alpha of 1e38, say) paints only black.
+MAX_DELTA = 65504.0
+# Refusals remembered per file version, so a bad file is checked once, not on every request naming it.
+REFUSALS_KEPT = 256
+
+
 @dataclass
 class _Loaded:
     adapter: str
-    file: LoraFile
+    version: FileVersion
+    hashes: Future[FileHashes]
 
 
 class LoraAdapters:
     def __init__(self, pipe: StableDiffusionControlNetPipeline, library: LoraLibrary, cache_size: int) -> None:
         self._pipe, self._library, self._cache_size = pipe, library, cache_size
+        self._text_width = pipe.unet.config.cross_attention_dim
+        self._family = family(self._text_width)
         # By name, least recently used first.
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._refused: OrderedDict[FileVersion, InvalidField] = OrderedDict()
         self._serial = 0
         # With TORCH_COMPILE, the UNet's compiled forward while a LoRA batch runs it uncompiled.
         self._compiled_forward = None
@@ -60,7 +74,7 @@ class LoraAdapters:
         self._pipe.enable_lora()
         self._pipe.set_adapters([entry.adapter for entry in loaded], [weight for _, weight in loras])
         return tuple(
-            AppliedLora(name, weight, entry.file.short_hash)
+            AppliedLora(name, weight, entry.hashes)
             for (name, weight), entry in zip(loras, loaded, strict=True)
         )
 
@@ -75,17 +89,37 @@ class LoraAdapters:
             self._compiled_forward = vars(unet).pop("forward")
 
     def _load(self, name: str, keep: set[str]) -> _Loaded:
-        file = self._library.file(name)
+        """The named LoRA as an adapter: kept from an earlier batch while its file is the same version, else
+        read (whole, one version: file_reading.py) and checked. A refused version is refused again unread."""
+        version = self._library.version(name)
         entry = self._loaded.get(name)
-        if entry is not None and entry.file == file:
+        if entry is not None and entry.version == version:
             self._loaded.move_to_end(name)
             return entry
+        if version in self._refused:
+            raise self._refused[version]
         if entry is not None:  # the file changed since it was loaded
             self._drop(name)
         started = time.perf_counter()
+        data, version = self._library.read(name)
         try:
-            weights = load_file(file.path)
-        except (SafetensorError, OSError, ValueError) as exc:
+            adapter = self._adapter(name, data)
+        except InvalidField as refusal:
+            self._refused[version] = refusal
+            while len(self._refused) > REFUSALS_KEPT:
+                self._refused.popitem(last=False)
+            log.info("refused LoRA %s: %s", name, refusal.message)
+            raise
+        entry = self._loaded[name] = _Loaded(adapter, version, HASHES.of_bytes(version, data))
+        log.info("loaded LoRA %s (%d bytes) in %.2f s", name, version.size, time.perf_counter() - started)
+        self._evict(keep)
+        return entry
+
+    def _adapter(self, name: str, data: bytes) -> str:
+        """The file's bytes as a new adapter of the pipeline; InvalidField saying what is wrong with them."""
+        try:
+            weights = load(data)
+        except (SafetensorError, ValueError) as exc:
             raise InvalidField(
                 f"loras: the file of LoRA {name!r} is not a readable .safetensors file ({first_line(exc)}); "
                 "replace it in LORA_DIR."
@@ -94,6 +128,14 @@ class LoraAdapters:
             raise InvalidField(
                 f"loras: the file of LoRA {name!r} holds no LoRA weights: it holds {describe_contents(weights)}. "
                 "Replace it in LORA_DIR."
+            )
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point()):
+            raise _non_finite(name)
+        width = lora_text_width({key: {"shape": list(value.shape)} for key, value in weights.items()})
+        if width is not None and width != self._text_width:
+            raise InvalidField(
+                f"loras: LoRA {name!r} is made for {family(width)}, and this server runs {self._family}; "
+                f"use a LoRA made for {self._family}."
             )
         # peft names adapters as module attributes: no dots, so a serial number rather than the file's name.
         self._serial += 1
@@ -104,17 +146,17 @@ class LoraAdapters:
             self._remove_adapter(adapter)
             raise  # the generator answers it as the GPU's memory, not the file's fault
         except Exception as exc:  # diffusers and peft raise ValueError, KeyError, RuntimeError... for a misfit
-            misfit = f"{type(exc).__name__}: {first_line(exc)}"
+            misfit = f"diffusers could not load it ({type(exc).__name__})"
         if misfit:
             self._remove_adapter(adapter)
             raise InvalidField(
-                f"loras: LoRA {name!r} does not fit the loaded model ({misfit}); it may be made for another "
-                "architecture (this service runs SD 1.5)."
+                f"loras: LoRA {name!r} does not fit {self._family}, the model this server runs: {misfit}. "
+                f"Use a LoRA made for {self._family}."
             )
-        entry = self._loaded[name] = _Loaded(adapter, file)
-        log.info("loaded LoRA %s (%d bytes) in %.2f s", name, file.size, time.perf_counter() - started)
-        self._evict(keep)
-        return entry
+        if self._overflows(adapter):
+            self._remove_adapter(adapter)
+            raise _non_finite(name)
+        return adapter
 
     def _add_adapter(self, weights: dict, adapter: str) -> dict[str, float]:
         """Load the file as `adapter`; returns, per model, the size of the file's up-projection weights that
@@ -144,6 +186,17 @@ class LoraAdapters:
         if not self._has_adapter(adapter):
             return "no layer of the model took it"
         return None
+
+    def _overflows(self, adapter: str) -> bool:
+        """Whether a layer of `adapter` adds more than MAX_DELTA (or NaN) to a weight at the highest weight
+        a request may give it: peft's delta weight is the product of the LoRA's matrices and its scale."""
+        for model in (self._pipe.unet, self._pipe.text_encoder):
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
+                    largest = module.get_delta_weight(adapter).abs().max() * max(abs(MIN_WEIGHT), MAX_WEIGHT)
+                    if not bool(largest <= MAX_DELTA):
+                        return True
+        return False
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self._loaded):
@@ -180,3 +233,11 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
+
+
+def _non_finite(name: str) -> InvalidField:
+    return InvalidField(
+        f"loras: the file of LoRA {name!r} holds non-finite weights (NaN or infinity, or an alpha that scales "
+        f"them beyond {MAX_DELTA:g}); replace it in LORA_DIR."
+    )
+

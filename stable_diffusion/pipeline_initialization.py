@@ -144,12 +144,13 @@ def _load_pretrained(
         if name not in files
     }
     allow_pickle = config.allow_pickle_checkpoints
+    loaded: dict[str, ModelFile] = {}
     if controlnet_model in files:
-        controlnet = load_controlnet_file(files[controlnet_model], allow_pickle, dtype)
+        controlnet, loaded[controlnet_model] = load_controlnet_file(files[controlnet_model], allow_pickle, dtype)
     else:
         controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, sources, torch_dtype=dtype)
     if sd_model in files:
-        pipe = load_sd_file(files[sd_model], allow_pickle, dtype, controlnet)
+        pipe, loaded[sd_model] = load_sd_file(files[sd_model], allow_pickle, dtype, controlnet)
     else:
         pipe = _from_pretrained(
             StableDiffusionControlNetPipeline,
@@ -168,7 +169,7 @@ def _load_pretrained(
             f"SD_MODEL={sd_model!r} and CONTROLNET_MODEL={controlnet_model!r} do not fit together: the model attends "
             f"to text {widths[0]} wide, the ControlNet to {widths[1]}. Pick a ControlNet made for this model."
         )
-    return pipe, {name: ModelFile.of(path) for name, path in files.items()}
+    return pipe, loaded
 
 
 def _hub_reachable() -> bool:

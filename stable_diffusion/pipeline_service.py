@@ -18,7 +18,7 @@ from PIL import Image
 
 from stable_diffusion.checkpoints import ModelFile
 from stable_diffusion.errors import GenerationCanceled, GenerationOutOfMemory
-from stable_diffusion.lora_library import LoraLibrary
+from stable_diffusion.lora_library import LoraLibrary, family
 from stable_diffusion.loras import LoraAdapters
 from stable_diffusion.per_sample import PIPELINE_GUIDANCE, BatchProgress, PerSampleControls, Sample
 from stable_diffusion.pipeline_initialization import Pipelines
@@ -67,6 +67,7 @@ class Generator:
         """What runs the generations, for GET /info."""
         return {
             "model": self.pipelines.model_name,
+            "family": family(self.pipelines.generate.unet.config.cross_attention_dim),
             "device": str(self.pipelines.device),
             "dtype": str(self.pipelines.dtype).removeprefix("torch."),
             "schedulers": list(SCHEDULERS),

@@ -4,6 +4,7 @@ No torch here: the service layer builds requests and reads results without loadi
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -53,11 +54,18 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class AppliedLora:
-    """A LoRA a result was made with, as the recipe records it (`short_hash`: AUTOMATIC1111's Lora hash)."""
+    """A LoRA a result was made with, as the recipe records it. Its file's hashes (file_reading.FileHashes)
+    are computed in the background while the run goes on; the recipe, written after it and off the GPU's
+    thread, waits for them."""
 
     name: str
     weight: float
-    short_hash: str
+    hashes: Future = field(compare=False, repr=False)
+
+    @property
+    def short_hash(self) -> str:
+        """AUTOMATIC1111's Lora hash: twelve hex digits of the SHA-256 of the file's tensors."""
+        return (self.hashes.result().tensors_sha256 or "")[:12]
 
 
 @dataclass(frozen=True)

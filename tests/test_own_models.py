@@ -6,8 +6,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
+import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from service.distributed import wire
 from service.local import model_config
+from service.settings import REPO_ROOT
 from stable_diffusion.image_processing import DecodedImage
 from stable_diffusion.pipeline_initialization import ModelLoadError, build_tiny_pipeline, load_pipelines
 from stable_diffusion.recipe import GenerationRequest
@@ -66,6 +72,21 @@ def files(tmp_path_factory):
     (loras / "notes.txt").write_text("not a LoRA file: never listed")
     # A pickle is never a LoRA: the folder's .safetensors files are all that is listed and loaded.
     (loras / "evil.ckpt").write_bytes(b"never unpickled")
+    # Non-finite weights: NaN, infinity, and finite weights that an alpha of 1e38 scales past any precision.
+    up = next(key for key in ink_tensors if key.endswith("lora_up.weight"))
+    for name, value in (("nan", math.nan), ("inf", math.inf)):
+        spoiled = {key: tensor.clone() for key, tensor in ink_tensors.items()}
+        spoiled[up][0, 0] = value
+        save_file(spoiled, str(loras / f"{name}.safetensors"))
+    save_file({key: torch.tensor(1e38) if key.endswith(".alpha") else tensor for key, tensor in ink_tensors.items()},
+              str(loras / "huge-alpha.safetensors"))
+    # Links: only a file of the folder itself is a LoRA, never what a link outside it points at.
+    outside = folder / "outside"
+    outside.mkdir()
+    shutil.copy(made["ink"], outside / "ink-copy.safetensors")
+    (loras / "elsewhere.safetensors").symlink_to(outside / "ink-copy.safetensors")
+    (loras / "passwd.safetensors").symlink_to("/etc/passwd")
+    (loras / "alias.safetensors").symlink_to("ink.safetensors")
     return made
 
 
@@ -112,16 +133,20 @@ def test_a_single_file_checkpoint_loads_offline_and_paints_as_the_model_it_was_m
 
 
 def test_models_lists_the_model_the_controlnet_and_the_loras_with_size_and_hash(server, files):
-    models = requests.get(f"{server.url}/models", headers=HEADERS, verify=server.cert, timeout=10).json()
+    models = wait_for_hashes(server)
     assert models["sd_model"] == {
         "name": "tiny-model", "size_bytes": files["model"].stat().st_size, "sha256": sha256(files["model"])
     }
     assert models["controlnet_model"]["name"] == "tiny-canny"
     assert models["controlnet_model"]["sha256"] == sha256(files["controlnet"])
     listed = {lora["name"]: lora for lora in models["loras"]}
-    assert set(listed) == {
-        "broken", "deeper", "embedding", "empty", "ink", "ink-text", "paper", "snapshot", "wrong-width"
-    }
+    # What the headers say are LoRAs for the tiny model; deeper and the non-finite ones are refused when loaded.
+    assert set(listed) == {"alias", "deeper", "huge-alpha", "inf", "ink", "ink-text", "nan", "paper"}
+    skipped = next(line for line in server.output().splitlines() if "LORA_DIR: not listed as LoRAs" in line)
+    for name, why in [("broken", "truncated"), ("embedding", "holds no LoRA weights"), ("empty", "no safetensors"),
+                      ("snapshot", "no safetensors header"), ("wrong-width", "made for a model attending to text 64 "
+                                                                              "wide, not for the tiny model")]:
+        assert f"{name} (" in skipped and why in skipped.split(f"{name} (")[1].split(")")[0], (name, skipped)
     ink = files["ink"].read_bytes()
     header_end = 8 + int.from_bytes(ink[:8], "little")
     assert listed["ink"] == {
@@ -130,6 +155,17 @@ def test_models_lists_the_model_the_controlnet_and_the_loras_with_size_and_hash(
     }
     unauthorized = requests.get(f"{server.url}/models", verify=server.cert, timeout=10)
     assert unauthorized.status_code == 401
+
+
+def wait_for_hashes(server, timeout: float = 30) -> dict:
+    """/models once the server has hashed every file it lists (in the background: null until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        models = requests.get(f"{server.url}/models", headers=HEADERS, verify=server.cert, timeout=10).json()
+        entries = [models["sd_model"], models["controlnet_model"], *models["loras"]]
+        if all(entry["sha256"] for entry in entries) or time.monotonic() > deadline:
+            return models
+        time.sleep(0.1)
 
 
 def test_a_lora_changes_the_picture_and_the_recipe_names_it_as_automatic1111_does(server, files):
@@ -191,8 +227,14 @@ def test_requests_with_different_loras_at_once_each_paint_as_when_run_alone(serv
 @pytest.mark.parametrize(
     ("loras", "message"),
     [
-        ("nothing-here:1", "no LoRA named 'nothing-here'; available: broken, deeper, embedding, empty, ink, ink-text, "
-                           "paper, snapshot, wrong-width"),
+        ("nothing-here:1", "no LoRA named 'nothing-here'; available: alias, broken, deeper, embedding, empty, "
+                           "huge-alpha, inf, ink, ink-text, nan, paper, snapshot, wrong-width"),
+        ("ink:\u0661", "the weight of LoRA 'ink' is '\u0661'"),
+        ("passwd:1", "no LoRA named 'passwd'"),
+        ("elsewhere:1", "no LoRA named 'elsewhere'"),
+        ("nan:1", "the file of LoRA 'nan' holds non-finite weights (NaN or infinity"),
+        ("inf:1", "the file of LoRA 'inf' holds non-finite weights (NaN or infinity"),
+        ("huge-alpha:1", "the file of LoRA 'huge-alpha' holds non-finite weights (NaN or infinity, or an alpha"),
         ("../lora/ink:1", "does not name a LoRA"),
         ("/etc/passwd", "does not name a LoRA"),
         ("ink:2.5", "the weight of LoRA 'ink' is '2.5'; send a number from -2 to 2"),
@@ -203,9 +245,11 @@ def test_requests_with_different_loras_at_once_each_paint_as_when_run_alone(serv
         ("broken:1", "LoRA 'broken' is not a readable .safetensors file"),
         ("snapshot:1", "LoRA 'snapshot' is not a readable .safetensors file"),
         ("empty:1", "LoRA 'empty' is not a readable .safetensors file"),
-        ("wrong-width:1", "LoRA 'wrong-width' does not fit the loaded model"),
+        ("wrong-width:1", "LoRA 'wrong-width' is made for a model attending to text 64 wide, and this server runs "
+                          "the tiny model; use a LoRA made for the tiny model."),
         ("embedding:1", "the file of LoRA 'embedding' holds no LoRA weights"),
-        ("deeper:1", "LoRA 'deeper' does not fit the loaded model (its text_encoder weights did not land"),
+        ("deeper:1", "LoRA 'deeper' does not fit the tiny model, the model this server runs: its text_encoder "
+                     "weights did not land on the model's layers. Use a LoRA made for the tiny model."),
     ],
 )
 def test_a_bad_lora_is_a_clear_400_and_the_server_keeps_painting_as_before(server, live_server, loras, message):
@@ -213,6 +257,143 @@ def test_a_bad_lora_is_a_clear_400_and_the_server_keeps_painting_as_before(serve
     assert response.status_code == 400, response.text
     assert message in response.json()["error"] and response.json()["error"].startswith("loras: ")
     assert np.array_equal(pixels(generate(server, seed="12")), pixels(generate(live_server, seed="12")))
+
+
+def test_a_refused_lora_is_checked_once_per_file_version(server, files):
+    """A bad file is read and checked once; the next request naming it is refused from memory, until the
+    file changes."""
+    nan = files["ink"].parent / "nan.safetensors"
+    for _ in range(2):
+        assert generate(server, loras="nan:1").status_code == 400
+    assert server.output().count("refused LoRA nan:") == 1
+    nan.write_bytes(nan.read_bytes())  # the same bytes, written again: another version of the file
+    assert generate(server, loras="nan:1").status_code == 400
+    assert server.output().count("refused LoRA nan:") == 2
+
+
+def _rewrite_in_place(path, versions: list[bytes], stop: threading.Event, removing: bool) -> None:
+    """As `cp` writes over a file: truncated, then written again in pieces, the same file all along; with
+    `removing`, also removed and copied back now and then (`rm` then `cp`)."""
+    while not stop.is_set():
+        for data in versions:
+            if removing:
+                path.unlink(missing_ok=True)
+                time.sleep(0.01)
+            with path.open("wb") as file:
+                for start in range(0, len(data), 1 << 20):
+                    file.write(data[start:start + (1 << 20)])
+                    file.flush()
+
+
+@pytest.mark.parametrize("removing", [False, True], ids=["overwritten", "removed-and-copied-back"])
+def test_a_lora_changed_while_requested_costs_at_most_a_400_and_never_the_server(server, files, removing):
+    """safetensors maps a file into memory; a file truncated under that map killed the server (SIGBUS), and a
+    file gone between the name check and the load was a 500. Files are now read whole, one version at a time:
+    a request gets the old or the new file whole, or a 400 naming it; requests without it are untouched."""
+    from safetensors.torch import save
+
+    moving = files["ink"].parent / "moving.safetensors"
+    ink = load_file(files["ink"])
+    # 48 MB, so that reading it takes long enough for a rewrite to land in the middle of a read.
+    versions = [save(ink | {"padding": torch.full((12_000_000,), float(seed))}) for seed in (1, 2)]
+    moving.write_bytes(versions[0])
+    stop = threading.Event()
+    answers: dict[str, list[requests.Response]] = {"moving": [], "none": []}
+
+    def client(loras: str, kind: str) -> None:
+        while not stop.is_set():
+            answers[kind].append(generate(server, loras=loras, steps="2"))
+
+    threads = [threading.Thread(target=_rewrite_in_place, args=(moving, versions, stop, removing))]
+    threads += [threading.Thread(target=client, args=("moving:0.3", "moving")) for _ in range(2)]
+    threads += [threading.Thread(target=client, args=("", "none"))]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(8)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        moving.unlink(missing_ok=True)
+    assert server.process.poll() is None, server.output()[-3000:]
+    assert len(answers["moving"]) >= 4 and answers["none"]
+    for response in answers["moving"]:
+        assert response.status_code in (200, 400), response.text
+        if response.status_code == 400:
+            assert re.match(r"loras: .*'moving'", response.json()["error"]), response.text
+    assert all(response.status_code == 200 for response in answers["none"])
+    assert generate(server, loras="ink:0.3").status_code == 200
+
+
+def test_models_answers_at_once_and_each_file_is_hashed_once_in_the_background(server, files):
+    """Hashing a large file held the first /models for seconds, and the generator hashed it again."""
+    from safetensors.torch import save
+
+    folder = files["ink"].parent
+    big, fresh = folder / "big.safetensors", folder / "fresh.safetensors"
+    big.write_bytes(save(load_file(files["ink"]) | {"padding": torch.ones(64_000_000)}))
+    shutil.copy(files["paper"], fresh)
+    try:
+        first = requests.get(f"{server.url}/models", headers=HEADERS, verify=server.cert, timeout=10).json()
+        listed = {lora["name"]: lora for lora in first["loras"]}
+        assert listed["big"]["size_bytes"] == big.stat().st_size and listed["big"]["sha256"] is None
+        hashed = {lora["name"]: lora for lora in wait_for_hashes(server)["loras"]}
+        assert hashed["big"]["sha256"] == sha256(big) and hashed["fresh"]["sha256"] == sha256(fresh)
+        # The generator loads fresh (the same version the listing hashed) and takes its hash from memory.
+        made = generate(server, loras="fresh:0.5")
+        assert json.loads(png_text(made)["recipe"])["lora_hashes"]["fresh"] == hashed["fresh"]["short_hash"]
+        assert server.output().count("hashed fresh.safetensors") == 1
+    finally:
+        big.unlink()
+        fresh.unlink()
+
+
+def test_a_checkpoint_rewritten_while_read_is_refused_or_read_whole_never_a_dead_process(tmp_path):
+    """At start-up too, a file changing under the reader is a clear error (or one version's tensors), run in a
+    process of its own, which a SIGBUS would kill."""
+    script = f"""
+import threading
+from pathlib import Path
+import torch
+from safetensors.torch import save
+from stable_diffusion.checkpoints import read_checkpoint
+from stable_diffusion.errors import ModelLoadError
+
+path = Path({str(tmp_path / "model.safetensors")!r})
+versions = [save({{"weight": torch.full((12_000_000,), float(seed))}}) for seed in (1, 2)]
+path.write_bytes(versions[0])
+stop = threading.Event()
+
+def rewrite():
+    while not stop.is_set():
+        for data in versions:
+            with path.open("wb") as file:
+                for start in range(0, len(data), 1 << 20):
+                    file.write(data[start:start + (1 << 20)])
+                    file.flush()
+
+writer = threading.Thread(target=rewrite)
+writer.start()
+outcomes = []
+try:
+    for _ in range(40):
+        try:
+            tensors, _ = read_checkpoint("SD_MODEL", path, allow_pickle=False)
+            values = tensors["weight"].unique().tolist()
+            assert values in ([1.0], [2.0]), values
+            outcomes.append("whole")
+        except ModelLoadError as exc:
+            assert str(exc).startswith(f"Could not load SD_MODEL={{path}}: "), exc
+            outcomes.append("refused")
+finally:
+    stop.set()
+    writer.join()
+print(sorted(set(outcomes)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused" in done.stdout or "whole" in done.stdout
 
 
 def test_a_field_of_thousands_of_loras_is_refused_at_once(server):
@@ -347,7 +528,7 @@ def test_a_pickle_checkpoint_runs_no_code_unless_allowed_and_then_loads(tmp_path
         tmp_path, SD_MODEL=str(trusted), CONTROLNET_MODEL=str(files["controlnet"]), ALLOW_PICKLE_CHECKPOINTS="true"
     )
     pipelines = load_pipelines(model_config(allowed))
-    assert pipelines.names == ("trusted", "tiny-canny") and pipelines.sd_file.sha256 == sha256(trusted)
+    assert pipelines.names == ("trusted", "tiny-canny") and pipelines.sd_file.short_hash == sha256(trusted)[:10]
 
 
 # The full-size SD 1.5 layout, written once per test session from the shipped configs (random weights).

@@ -76,7 +76,8 @@ class ModelEntry(BaseModel):
     name: str = Field(description="a single file's name without its suffix, or the hub id, folder or built-in model")
     size_bytes: int | None = Field(description="a single file's size; null for a hub id, folder or built-in model")
     sha256: str | None = Field(
-        description="a single file's SHA-256 (AUTOMATIC1111's Model hash is its first 10 digits); else null"
+        description="a single file's SHA-256 (AUTOMATIC1111's Model hash is its first 10 digits); null for "
+        "anything else, and until the server has hashed the file"
     )
 
 
@@ -85,8 +86,10 @@ class LoraEntry(BaseModel):
 
     name: str = Field(description="what the loras field and <lora:name:weight> take: the file's name in LORA_DIR")
     size_bytes: int
-    sha256: str = Field(description="the SHA-256 of the whole file")
-    short_hash: str = Field(description="AUTOMATIC1111's Lora hash: 12 digits of the SHA-256 of the tensors")
+    sha256: str | None = Field(description="the SHA-256 of the whole file; null until the server has read it")
+    short_hash: str | None = Field(
+        description="AUTOMATIC1111's Lora hash: 12 digits of the SHA-256 of the tensors; null until known"
+    )
 
 
 class Models(BaseModel):
@@ -138,13 +141,13 @@ def info():
 @operations.get("/models")
 def models():
     try:
-        files = current_app.extensions["service"].describe().get("model_files")
+        about = current_app.extensions["service"].describe()
     except ModelNotReady:
-        files = None
-    files = files or {"sd_model": None, "controlnet_model": None}
+        about = {}
+    files = about.get("model_files") or {"sd_model": None, "controlnet_model": None}
     loras = [
         LoraEntry(name=lora.name, size_bytes=lora.size, sha256=lora.sha256, short_hash=lora.short_hash)
-        for lora in current_app.extensions["loras"].describe()
+        for lora in current_app.extensions["loras"].describe(about.get("family"))
     ]
     return jsonify(Models(**files, loras=loras).model_dump(mode="json"))
 
