@@ -325,6 +325,32 @@ def test_a_lora_changed_while_requested_costs_at_most_a_400_and_never_the_server
     assert generate(server, loras="ink:0.3").status_code == 200
 
 
+@pytest.mark.parametrize("moment", ["gone after the listing", "back after the check"])
+def test_a_lora_removed_or_copied_back_between_two_looks_is_a_400(tmp_path, files, moment):
+    """The two races the loop above hits only now and then, made certain: a file listed and then gone before
+    it is read, and one missing from the listing but back when the check looks again (a 500 each before)."""
+    from service.errors import InvalidField
+    from stable_diffusion.lora_library import LoraLibrary
+
+    ink = tmp_path / "ink.safetensors"
+    shutil.copy(files["ink"], ink)
+
+    class Racing(LoraLibrary):
+        def names(self):
+            if moment == "gone after the listing":
+                listed = super().names()
+                ink.unlink(missing_ok=True)
+                return listed
+            if ink.exists():
+                ink.unlink()
+                return super().names()
+            shutil.copy(files["ink"], ink)
+            return super().names()
+
+    with pytest.raises(InvalidField, match=r"^loras: the file of LoRA 'ink' cannot be read \("):
+        Racing(tmp_path).read("ink")
+
+
 def test_models_answers_at_once_and_each_file_is_hashed_once_in_the_background(server, files):
     """Hashing a large file held the first /models for seconds, and the generator hashed it again."""
     from safetensors.torch import save
