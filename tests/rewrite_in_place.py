@@ -7,10 +7,19 @@ from __future__ import annotations
 
 import argparse
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 PIECE = 1 << 20
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(target: Path, seconds: float, versions: list[Path], removing: bool = False) -> subprocess.Popen:
+    """This script in a process of its own, writing `versions` over `target` for `seconds`."""
+    command = [sys.executable, "-m", "tests.rewrite_in_place", str(target), str(seconds), *map(str, versions)]
+    return subprocess.Popen(command + (["--removing"] if removing else []), cwd=REPO_ROOT)
 
 
 def main() -> None:

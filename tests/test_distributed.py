@@ -17,14 +17,19 @@ import numpy as np
 import pytest
 import redis
 import requests
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from service.distributed.celery_app import make_celery, tls_options
 from service.distributed.ledger import claim_key, connect
 from service.settings import REPO_ROOT
 from stable_diffusion.client import Client
+from stable_diffusion.pipeline_initialization import build_tiny_pipeline
+from tests import rewrite_in_place
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, free_port, tiny_environment, tiny_settings
 from tests.images import png_bytes
+from tests.model_files import write_kohya_lora
 from tests.processes import GpuWorker, RedisServer
 
 CELERY = {"QUEUE_BACKEND": "celery", "WEB_WORKERS": "2"}
@@ -60,13 +65,18 @@ def cluster(tmp_path_factory):
     """One Redis (TLS, with a password), two GPU workers, one gunicorn with two web processes."""
     folder = tmp_path_factory.mktemp("cluster")
     broker = RedisServer(folder, password=REDIS_PASSWORD, tls=True)
+    # The same LORA_DIR on every host, as DEPLOY.md says; ink is the lora_server's ink, byte for byte.
+    loras = folder / "lora"
+    pipe = build_tiny_pipeline()
+    write_kohya_lora(pipe.unet, pipe.text_encoder, loras / "ink.safetensors", seed=1)
+    lora_dir = {"LORA_DIR": str(loras)}
     # Companions get half a second to arrive, so that concurrent requests meet in one batch; a worker takes
     # at most BATCH_SIZE tasks at once, so eight requests need both.
     workers = [
-        GpuWorker(folder, name, REDIS_URL=broker.url, BATCH_WAIT_MS="500", BATCH_SIZE="4", **CELERY)
+        GpuWorker(folder, name, REDIS_URL=broker.url, BATCH_WAIT_MS="500", BATCH_SIZE="4", **CELERY | lora_dir)
         for name in ("gpu-1", "gpu-2")
     ]
-    web = LiveServer(folder, REDIS_URL=broker.url, **CELERY)
+    web = LiveServer(folder, REDIS_URL=broker.url, **CELERY | lora_dir)
     try:
         for worker in workers:
             worker.wait_until_ready(broker.client())
@@ -88,6 +98,39 @@ def test_same_seed_gives_the_same_pixels_as_local_mode(cluster, live_server):
     assert np.array_equal(pixels(distributed.content), pixels(local.content))
     saved = list((web.folder / "output_images").iterdir())
     assert any(path.read_bytes() == distributed.content for path in saved), "the web host keeps the result"
+
+
+def test_a_lora_paints_as_in_local_mode_and_one_rewritten_in_place_never_kills_a_gpu_worker(cluster, lora_server):
+    """GPU workers read LoRAs as the local service does: whole, one file version at a time (a LoRA rewritten
+    with cp under a memory map killed the process with SIGBUS)."""
+    _, workers, web = cluster
+    distributed = post(web, seed="5", steps="3", loras="ink:0.8")
+    local = post(lora_server, seed="5", steps="3", loras="ink:0.8")
+    assert distributed.status_code == 200 and local.status_code == 200, distributed.text
+    assert np.array_equal(pixels(distributed.content), pixels(local.content))
+    folder = Path(web.environment["LORA_DIR"])
+    ink = load_file(folder / "ink.safetensors")
+    versions = [folder.parent / f"moving-{seed}.bin" for seed in (1, 2)]
+    for seed, version in enumerate(versions, start=1):
+        save_file(ink | {"padding": torch.full((40_000_000,), float(seed))}, str(version))
+    writer = rewrite_in_place.start(folder / "moving.safetensors", 8, versions)
+
+    def client(index: int) -> list[requests.Response]:
+        answers = []
+        while writer.poll() is None:
+            answers.append(post(web, steps="2", loras=f"moving:0.{index}", timeout=30))
+        return answers
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [answer for answers in pool.map(client, range(1, 5)) for answer in answers]
+    finally:
+        writer.kill()
+        (folder / "moving.safetensors").unlink(missing_ok=True)
+    assert all(worker.process.poll() is None for worker in workers), [worker.output()[-2000:] for worker in workers]
+    for answer in answers:
+        assert answer.status_code in (200, 400) and "moving" in (answer.json()["error"] if answer.status_code == 400
+                                                                 else "moving"), answer.text
 
 
 def test_rediss_verifies_the_redis_certificate(cluster, tmp_path):

@@ -27,6 +27,7 @@ from service.settings import REPO_ROOT
 from stable_diffusion.image_processing import DecodedImage
 from stable_diffusion.pipeline_initialization import ModelLoadError, build_tiny_pipeline, load_pipelines
 from stable_diffusion.recipe import GenerationRequest
+from tests import rewrite_in_place
 from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.images import png_bytes
 from tests.model_files import (
@@ -271,12 +272,6 @@ def test_a_refused_lora_is_checked_once_per_file_version(server, files):
     assert server.output().count("refused LoRA nan:") == 2
 
 
-def rewriting(target, seconds: float, versions: list, removing: bool = False) -> subprocess.Popen:
-    """Another process writing `versions` (files) over `target` in turn, as a loop of `cp` (and `rm`) would."""
-    command = [sys.executable, "-m", "tests.rewrite_in_place", str(target), str(seconds), *map(str, versions)]
-    return subprocess.Popen(command + (["--removing"] if removing else []), cwd=REPO_ROOT)
-
-
 @pytest.mark.parametrize("removing", [False, True], ids=["overwritten", "removed-and-copied-back"])
 def test_a_lora_changed_while_requested_costs_at_most_a_400_and_never_the_server(server, files, removing):
     """safetensors maps a file into memory; a file truncated under that map killed the server (SIGBUS), and a
@@ -302,7 +297,7 @@ def test_a_lora_changed_while_requested_costs_at_most_a_400_and_never_the_server
             except requests.RequestException as exc:  # the connection dropped: the process serving it died
                 answers[kind].append(exc)
 
-    writer = rewriting(moving, 8, versions, removing)
+    writer = rewrite_in_place.start(moving, 8, versions, removing)
     clients = [threading.Thread(target=client, args=(f"moving:0.{index}", "moving")) for index in range(1, 3)]
     clients += [threading.Thread(target=client, args=("", "none"))]
     try:
@@ -400,7 +395,7 @@ while time.monotonic() < deadline:
         outcomes.append("refused")
 print(sorted(set(outcomes)), len(outcomes))
 """
-    writer = rewriting(path, 8, versions)
+    writer = rewrite_in_place.start(path, 8, versions)
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=300)
