@@ -3,14 +3,17 @@ gunicorn web processes (python app.py with WEB_WORKERS=2), all on the tiny model
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +24,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from service.distributed.celery_app import make_celery, tls_options
-from service.distributed.ledger import claim_key, connect
+from service.api_keys import digest
+from service.distributed import wire
+from service.distributed.celery_app import GENERATE_TASK, QUEUE, make_celery, tls_options
+from service.distributed.ledger import claim_key, connect, reply_key
+from service.jobs.redis_store import RedisJobStore
+from service.jobs.store import Job, JobStatus
 from service.settings import REPO_ROOT
+from service.storage import new_file_stem
 from stable_diffusion.client import Client
+from stable_diffusion.image_processing import DecodedImage
 from stable_diffusion.pipeline_initialization import build_tiny_pipeline
+from stable_diffusion.recipe import GenerationRequest
 from tests import rewrite_in_place
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, free_port, tiny_environment, tiny_settings
 from tests.images import png_bytes
@@ -295,6 +305,79 @@ def test_requests_that_arrive_together_share_one_run_on_a_gpu_worker(cluster):
     shared = [line for worker in workers for line in worker.output().splitlines() if "share one run" in line]
     assert any(sum(request_id in line for request_id in request_ids) >= 2 for line in shared), shared
     assert len({answer.content for answer in answers}) == 5
+
+
+def test_a_task_crafted_in_redis_is_refused_by_the_gpu_worker(cluster, tmp_path):
+    """Any GPU host can write to Redis. A task whose stem is a path, or that asks for more than the web tier
+    allows, is refused: nothing runs, nothing is written outside OUTPUT_DIR, the worker keeps serving."""
+    broker, workers, web = cluster
+    settings = tiny_settings(tmp_path, REDIS_URL=broker.url, **CELERY)
+    celery = make_celery(settings)
+    request = GenerationRequest("0" * 31 + "a", (Image.new("RGB", (64, 64)),), "a crafted task", steps=4)
+    honest = wire.request_message(request, DecodedImage("PNG", (), (), 0), "someone", new_file_stem(), events=False)
+    escaping = honest | {"stem": "../../escaped"}
+    too_long = honest | {"request": honest["request"] | {"request_id": "0" * 31 + "b", "steps": 1000}}
+    too_large = honest | {"request": honest["request"] | {"request_id": "0" * 31 + "c", "control_images": [
+        wire.request_message(replace(request, control_images=(Image.new("RGB", (4096, 4096)),)),
+                             DecodedImage("PNG", (), (), 0), "someone", new_file_stem(), False)["request"][
+            "control_images"][0]]}}
+    for message in (escaping, too_long, too_large):
+        celery.send_task(GENERATE_TASK, args=[message], queue=QUEUE)
+    deadline = time.monotonic() + 30
+    while sum(worker.output().count("refused a task") for worker in workers) < 3:
+        assert time.monotonic() < deadline, [worker.output()[-2000:] for worker in workers]
+        time.sleep(0.2)
+    logs = "".join(worker.output() for worker in workers)
+    assert "steps: Input should be less than or equal to 100" in logs
+    assert "edge maps must share one size, each side a multiple of 8 up to 1024" in logs
+    assert not list(web.folder.parent.rglob("escaped*")) and not list(Path(REPO_ROOT).rglob("escaped*"))
+    assert "request 0000000000000000000000000000000b: done" not in logs
+    assert post(web, steps="2").status_code == 200
+
+
+def test_a_reply_or_job_record_crafted_in_redis_reads_writes_and_deletes_nothing_outside(tmp_path):
+    """A reply naming a path, a record naming the server's private key as its result, or another file as its
+    upload: refused and logged; the file outside stays unread, unwritten and undeleted."""
+    broker = RedisServer(tmp_path)
+    web = LiveServer(tmp_path, REDIS_URL=broker.url, JOB_RETENTION_S="2", **CELERY)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the service's")
+    store = RedisJobStore(connect(broker.url), retention_s=2)
+    try:
+        _wait_listening(web)
+        owner = digest(API_KEY.encode()).hex()
+        # A reply to a queued job (no GPU worker runs it) naming a path outside OUTPUT_DIR.
+        job_id = post(web, "/jobs", steps="2").json()["id"]
+        planted = tmp_path / "planted.png"
+        for file_name in (str(planted), "../planted.png"):
+            reply = {"kind": "done", "data": base64.b64encode(b"attacker bytes").decode(), "mimetype": "image/png",
+                     "file_name": file_name, "seconds": 1.0, "worker": "gpu", "images": 1}
+            broker.client().rpush(reply_key(job_id), json.dumps(reply))
+        client = Client(web.url, API_KEY, verify=str(web.cert))
+        assert wait_for(client, job_id, "failed", "succeeded")["status"] == "failed"
+        assert not planted.exists() and not (tmp_path / "output_images" / ".." / "planted.png").exists()
+        # Records whose result is the TLS private key, or another file; one whose result claims to be a page.
+        now = time.time()
+        for crafted, result_file, result_type in (("key", "../ssl_cert/key.pem", "image/png"),
+                                                  ("html", "20260101_000000_abcdef.png", "text/html")):
+            store.add(Job(id=crafted, owner=owner, status=JobStatus.SUCCEEDED, step=4, total=4, seed=1,
+                          created_at=now, finished_at=now, result_file=result_file, result_type=result_type))
+            answer = requests.get(f"{web.url}/jobs/{crafted}/result", headers={"x-api-key": API_KEY},
+                                  verify=str(web.cert), timeout=10)
+            assert answer.status_code == 410 and b"PRIVATE KEY" not in answer.content, answer.text
+        store.add(Job(id="old", owner=owner, status=JobStatus.SUCCEEDED, step=4, total=4, seed=1, created_at=1,
+                      finished_at=1, input_file=str(victim), result_file="../victim.txt", result_type="image/png"))
+        deadline = time.monotonic() + 30
+        while store.get("old") is not None:  # the retention janitor removes the record, and its files
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert victim.read_text() == "not the service's"
+        assert "not removing a file its record names" in web.output()
+        assert "refused a reply from Redis" in web.output()
+    finally:
+        store.close()
+        web.stop()
+        broker.stop()
 
 
 def test_without_gpu_workers_ready_is_503_and_jobs_wait_for_one(tmp_path):
