@@ -58,7 +58,7 @@ def _load_model(**_) -> None:
     )
     horizon = max(settings.generation_timeout_s, settings.task_visibility_timeout_s) * 2
     ledger = Ledger(connect(settings.redis_url), settings.queue_size, settings.max_queued_per_key, horizon)
-    _runner = GpuRunner(worker, ledger, settings.device)
+    _runner = GpuRunner(worker, ledger, settings)
 
 
 @signals.worker_shutdown.connect

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import tempfile
 from datetime import datetime
@@ -11,10 +12,27 @@ from pathlib import Path
 
 from stable_diffusion.errors import StorageFull
 
+# What new_file_stem makes, and the files the service names after it.
+STEM = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
+STORED_NAME = re.compile(rf"{STEM.pattern}\.(png|jpg|gif)")
+
+
+class UntrustedName(ValueError):
+    """A file name read from outside this process (Redis, which any GPU host can write) that the service
+    cannot have made: never used as a path."""
+
 
 def new_file_stem(now: datetime | None = None) -> str:
     """`YYYYMMDD_HHMMSS_xxxxxx`: sortable by time, and unique across concurrent requests."""
     return f"{(now or datetime.now()):%Y%m%d_%H%M%S}_{secrets.token_hex(3)}"
+
+
+def stored_file(folder: Path, name: object) -> Path:
+    """The path in `folder` of a file the service named (a stem of new_file_stem and an image's extension);
+    UntrustedName for any other name, so that a name read from a store never reaches outside the folder."""
+    if not isinstance(name, str) or not STORED_NAME.fullmatch(name):
+        raise UntrustedName(f"{str(name)[:80]!r} is not a file name this service makes")
+    return folder / name
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -335,16 +335,26 @@ def test_a_task_crafted_in_redis_is_refused_by_the_gpu_worker(cluster, tmp_path)
     assert post(web, steps="2").status_code == 200
 
 
-def test_a_reply_or_job_record_crafted_in_redis_reads_writes_and_deletes_nothing_outside(tmp_path):
-    """A reply naming a path, a record naming the server's private key as its result, or another file as its
-    upload: refused and logged; the file outside stays unread, unwritten and undeleted."""
-    broker = RedisServer(tmp_path)
-    web = LiveServer(tmp_path, REDIS_URL=broker.url, JOB_RETENTION_S="2", **CELERY)
+def test_a_web_process_started_before_redis_serves_and_trusts_nothing_it_reads_there(tmp_path):
+    """Started while Redis is down, a web process answers /health (200) and the rest (503), and serves once
+    Redis comes. Then what it reads there: a reply naming a path, a record naming the server's private key as
+    its result, or another file as its upload, are refused and logged; the files outside stay unread,
+    unwritten and undeleted."""
+    port = free_port()
+    web = LiveServer(tmp_path, REDIS_URL=f"redis://127.0.0.1:{port}/0", JOB_RETENTION_S="2", **CELERY)
+    broker = store = None
     victim = tmp_path / "victim.txt"
     victim.write_text("not the service's")
-    store = RedisJobStore(connect(broker.url), retention_s=2)
     try:
         _wait_listening(web)
+        assert web.process.poll() is None and ready(web).json()["status"] == "unreachable"
+        assert post(web, "/jobs", steps="2").status_code == 503
+        broker = RedisServer(tmp_path, port=port)
+        deadline = time.monotonic() + 30
+        while ready(web).json()["status"] != "no_workers":  # Redis is back; no GPU worker runs here
+            assert time.monotonic() < deadline, web.output()[-3000:]
+            time.sleep(0.2)
+        store = RedisJobStore(connect(broker.url), retention_s=2)
         owner = digest(API_KEY.encode()).hex()
         # A reply to a queued job (no GPU worker runs it) naming a path outside OUTPUT_DIR.
         job_id = post(web, "/jobs", steps="2").json()["id"]
@@ -375,9 +385,11 @@ def test_a_reply_or_job_record_crafted_in_redis_reads_writes_and_deletes_nothing
         assert "not removing a file its record names" in web.output()
         assert "refused a reply from Redis" in web.output()
     finally:
-        store.close()
         web.stop()
-        broker.stop()
+        if store is not None:
+            store.close()
+        if broker is not None:
+            broker.stop()
 
 
 def test_without_gpu_workers_ready_is_503_and_jobs_wait_for_one(tmp_path):

@@ -23,7 +23,7 @@ from service.distributed.ledger import Ledger, QueueUnreachable, connect, reacha
 from service.interface import Generated, GenerationService, ResultObserver, ServiceState, Submission, process_name
 from service.local import upload_desk
 from service.settings import Settings
-from service.storage import write_atomically
+from service.storage import UntrustedName, stored_file, write_atomically
 from stable_diffusion.recipe import EventHandler, Started, Stepped
 
 log = logging.getLogger(__name__)
@@ -198,31 +198,45 @@ class CeleryGenerationService(GenerationService):
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
 
-    def _take(self, reply: dict, future: Future, request_id: str, on_event, preview: _LatestPreview) -> None:
-        kind = reply["kind"]
-        if kind == "done":
-            output = wire.read_output(reply)
-            try:
-                write_atomically(self._output_dir / output.file_name, output.data)
-            except errors.ServiceError as error:
-                future.set_exception(error)
-                return
-            for observer in self._observers:
-                observer(Generated(output.seconds, reply["images"]))
-            future.set_result(output)
-        elif kind == "failed":
-            error_type = getattr(errors, reply["error"], None)
-            if not (isinstance(error_type, type) and issubclass(error_type, errors.ServiceError)):
-                error_type = errors.GenerationFailed
-            future.set_exception(error_type(reply["message"], retry_after=reply["retry_after"]))
-        elif kind == "started":
-            # Again when a task comes back from a GPU worker that died: the job simply starts over.
-            if not future.running() and not future.set_running_or_notify_cancel():
-                return
-            self._notify(on_event, Started(reply["total"]), request_id)
-        elif kind == "stepped":
-            preview.update(wire.read_preview(reply))
-            self._notify(on_event, Stepped(reply["step"], reply["total"], preview.latest), request_id)
+    def _take(self, message: object, future: Future, request_id: str, on_event, preview: _LatestPreview) -> None:
+        try:
+            reply = wire.read_reply(message)
+            if isinstance(reply, wire.Done):
+                self._save(reply, future)
+            elif isinstance(reply, wire.Failed):
+                error_type = getattr(errors, reply.error, None)
+                if not (isinstance(error_type, type) and issubclass(error_type, errors.ServiceError)):
+                    error_type = errors.GenerationFailed
+                future.set_exception(error_type(reply.message, retry_after=reply.retry_after))
+            elif isinstance(reply, wire.Started):
+                # Again when a task comes back from a GPU worker that died: the job simply starts over.
+                if not future.running() and not future.set_running_or_notify_cancel():
+                    return
+                self._notify(on_event, Started(reply.total), request_id)
+            else:
+                preview.update(wire.read_preview(reply))
+                self._notify(on_event, Stepped(reply.step, reply.total, preview.latest), request_id)
+        except (wire.UntrustedMessage, UntrustedName) as exc:
+            log.warning("request %s: refused a reply from Redis: %s", request_id, exc)
+            if not future.done():
+                future.set_exception(errors.GenerationFailed(
+                    f"Generation failed; the server logged the details under request id {request_id}."
+                ))
+
+    def _save(self, reply: wire.Done, future: Future) -> None:
+        """The output in OUTPUT_DIR under the name this service gave it, never over a file already there."""
+        output = wire.read_output(reply)
+        path = stored_file(self._output_dir, output.file_name)
+        if path.exists() and path.read_bytes() != output.data:
+            raise UntrustedName(f"{output.file_name} exists already, with other bytes")
+        try:
+            write_atomically(path, output.data)
+        except errors.ServiceError as error:
+            future.set_exception(error)
+            return
+        for observer in self._observers:
+            observer(Generated(output.seconds, reply.images))
+        future.set_result(output)
 
     def _notify(self, on_event: EventHandler | None, event, request_id: str) -> None:
         if on_event is None:

@@ -19,11 +19,14 @@ from pydantic import BaseModel
 from service.fields import MAX_SEED
 from service.interface import GenerationService
 from service.jobs.store import Job, JobStatus, JobStore
+from service.storage import UntrustedName, stored_file
 from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
 from stable_diffusion.image_processing import encode_png, thumbnail
 from stable_diffusion.recipe import GenerationEvent, Started
 
 log = logging.getLogger(__name__)
+# What a result may be served as (a record in a shared store could say text/html).
+RESULT_TYPES = ("image/png", "image/gif")
 
 INTERRUPTED = "The server stopped before this job finished; submit it again."
 CANCELED_QUEUED = "Canceled before it started."
@@ -78,7 +81,10 @@ class JobManager:
         interrupted = store.fail_unfinished(INTERRUPTED) if sole_process else 0
         if interrupted:
             log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
-        self.remove_expired()
+        try:
+            self.remove_expired()
+        except ServiceError as error:  # a shared store out of reach (Redis down): the janitor tries again
+            log.warning("expired jobs not removed at start-up: %s", error.message)
         self._janitor = threading.Thread(target=self._remove_expired_periodically, name="job-janitor", daemon=True)
         self._janitor.start()
         if not sole_process:
@@ -135,7 +141,13 @@ class JobManager:
                 f"Job {job_id} is {job.status}; its result exists only once it has succeeded"
                 + ("." if job.finished else ": watch GET /jobs/<id>/events or poll GET /jobs/<id>.")
             )
-        path = self.output_dir / job.result_file
+        try:
+            path = stored_file(self.output_dir, job.result_file)
+            if job.result_type not in RESULT_TYPES:
+                raise UntrustedName(f"a result of type {str(job.result_type)[:40]!r}")
+        except UntrustedName as exc:
+            log.warning("job %s: its record names a result file the service cannot have made: %s", job_id, exc)
+            raise Gone(f"The result of job {job_id} is no longer available.") from None
         try:
             return path.open("rb"), job.result_type, path.suffix
         except FileNotFoundError:
@@ -207,8 +219,15 @@ class JobManager:
             self.store.delete(job.id)
             for folder, name in ((self.input_dir, job.input_file), (self.output_dir, job.result_file)):
                 if name:
-                    (folder / name).unlink(missing_ok=True)
+                    self._remove(job.id, folder, name)
         return len(expired)
+
+    @staticmethod
+    def _remove(job_id: str, folder: Path, name: str) -> None:
+        try:
+            stored_file(folder, name).unlink(missing_ok=True)
+        except UntrustedName as exc:  # a record in a shared store that this service cannot have written
+            log.warning("job %s: not removing a file its record names: %s", job_id, exc)
 
     def close(self) -> None:
         self._closed.set()
@@ -222,6 +241,8 @@ class JobManager:
         while not self._closed.wait(interval):
             try:
                 self.remove_expired()
+            except ServiceError as error:
+                log.warning("removing expired jobs failed: %s", error.message)
             except Exception:
                 log.exception("removing expired jobs failed")
 
