@@ -88,7 +88,7 @@ def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> tuple[dict[
         ) from None
     except OSError as exc:
         raise ModelLoadError(f"Could not load {where}: {exc.strerror or exc}.") from None
-    model_file = ModelFile(path.stem, version.size, HASHES.of_bytes(version, data))
+    model_file = ModelFile(path.stem, version.size, HASHES.of_bytes(version, data, tensors=False))
     return (_read_pickle(where, data) if pickled else _read_safetensors(where, data)), model_file
 
 

@@ -9,13 +9,15 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import stat
 import threading
-import time
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 # safetensors' own bound on a header (its Rust reader refuses more).
 MAX_HEADER_BYTES = 100_000_000
@@ -62,15 +64,23 @@ def version_of(path: Path, follow_links: bool = True) -> FileVersion:
     return FileVersion.of(path, status)
 
 
+def open_regular(path: Path, follow_links: bool = True) -> BinaryIO:
+    """The file open for reading; OSError when it is no regular file (or, with `follow_links` off, a link).
+    Opened without blocking, so that a FIFO put in a file's place cannot hold the reader."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    file = os.fdopen(os.open(path, flags), "rb")
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise OSError(f"{path.name} is not a regular file")
+    return file
+
+
 def read_whole(path: Path, max_bytes: int, follow_links: bool = True) -> tuple[bytes, FileVersion]:
     """The file's bytes and the version they are; FileChanged when it changed while read, OSError when it is
     not a regular file (or, with `follow_links` off, is a link), or is larger than `max_bytes`."""
-    flags = os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW)
-    descriptor = os.open(path, flags)
-    with os.fdopen(descriptor, "rb") as file:
+    with open_regular(path, follow_links) as file:
+        descriptor = file.fileno()
         before = os.fstat(descriptor)
-        if not stat.S_ISREG(before.st_mode):
-            raise OSError(f"{path.name} is not a regular file")
         if before.st_size > max_bytes:
             raise OSError(f"{path.name} is {before.st_size} bytes, more than the {max_bytes} allowed")
         data = file.read(before.st_size + 1)  # a byte more than its size shows a file still growing
@@ -85,7 +95,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     """A safetensors file's header, the tensors' names with their dtype, shape and place, read without mapping
     the file or reading its tensors; ValueError when the file is no whole safetensors file. The format is
     eight bytes of little-endian length, then that many bytes of JSON (safetensors' own reader maps the file)."""
-    with path.open("rb") as file:
+    with open_regular(path, follow_links=False) as file:
         head = file.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else 0
         if not 2 <= length <= MAX_HEADER_BYTES:
@@ -94,17 +104,23 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         size = os.fstat(file.fileno()).st_size
     try:
         header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError("its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise ValueError("its safetensors header is not a table of tensors")
     header.pop("__metadata__", None)
     tensors = {name: entry for name, entry in header.items() if isinstance(entry, dict)}
-    ends = [entry.get("data_offsets", [0, 0])[-1] for entry in tensors.values()]
-    needed = 8 + length + max((end for end in ends if isinstance(end, int)), default=0)
+    ends = [_end(entry.get("data_offsets")) for entry in tensors.values()]
+    needed = 8 + length + max(ends, default=0)
     if needed != size:
         raise ValueError(f"truncated or padded: its header describes {needed} bytes, the file has {size}")
     return tensors
+
+
+def _end(offsets: object) -> int:
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(offset) is int for offset in offsets)):
+        raise ValueError("its safetensors header has a tensor without a place in the file")
+    return offsets[1]
 
 
 class _Digests:
@@ -128,8 +144,9 @@ class _Digests:
         return FileHashes(self._whole.hexdigest(), self._tensors.hexdigest() if self._tensors else None)
 
 
-def hashes_of(pieces, safetensors: bool) -> FileHashes:
-    digests = _Digests(safetensors)
+def hashes_of(pieces, tensors: bool) -> FileHashes:
+    """`tensors`: also the hash of what follows a safetensors header."""
+    digests = _Digests(tensors)
     for piece in pieces:
         digests.update(piece)
     return digests.result()
@@ -141,82 +158,120 @@ def _pieces(file, size: int = 1 << 20):
 
 
 class HashCache:
-    """Each file version's hashes, computed once on one background thread: from the file when a listing asks
-    (`known` answers None until then), or from bytes a loader has read anyway (`of_bytes`). The thread takes
-    one file at a time, so a version asked for twice is found in the cache by its second task."""
+    """Each file version's hashes, computed once per process: from the file, read in the background when a
+    listing asks (`known` answers None until then), or from bytes a loader has read anyway (`of_bytes`, on a
+    thread of its own, so a result never waits behind a listing's queue of large files). A version being
+    hashed from its file when a loader asks is not hashed again: the loader gets that work's result (or,
+    should the file have changed meanwhile, the hashes of its own bytes)."""
 
     def __init__(self) -> None:
-        self._hashes: dict[FileVersion, FileHashes] = {}
+        self._hashes: OrderedDict[FileVersion, FileHashes] = OrderedDict()
+        self._hashing: dict[FileVersion, Future[FileHashes]] = {}
         self._asked: set[FileVersion] = set()
         self._lock = threading.Lock()
-        self._thread: ThreadPoolExecutor | None = None
-        self._thread_pid = 0
+        self._lanes: dict[str, _Lane] = {}
+        self._lanes_lock = threading.Lock()
 
-    def known(self, version: FileVersion) -> FileHashes | None:
-        """The version's hashes if computed; otherwise None, and they are computed in the background."""
+    def known(self, version: FileVersion, tensors: bool = True) -> FileHashes | None:
+        """The version's hashes if computed; otherwise None, and they are computed in the background.
+        `tensors`: also the hash of a safetensors file's tensors (AUTOMATIC1111's LoRA hash)."""
         with self._lock:
             hashes = self._hashes.get(version)
-            if hashes is None and version not in self._asked:
+            if hashes is None and version not in self._asked and version not in self._hashing:
                 self._asked.add(version)
-                self._background().submit(self._hash_file, version)
+                self._lane("listing").put(lambda: self._hash_file(version, tensors))
         return hashes
 
-    def of_bytes(self, version: FileVersion, data: bytes) -> Future[FileHashes]:
+    def of_bytes(self, version: FileVersion, data: bytes, tensors: bool = True) -> Future[FileHashes]:
         """The hashes of `data`, which are the bytes of `version`."""
+        result: Future[FileHashes] = Future()
         with self._lock:
-            if version in self._hashes:
-                done: Future[FileHashes] = Future()
-                done.set_result(self._hashes[version])
-                return done
-            return self._background().submit(self._hash_bytes, version, data)
+            hashes, running = self._hashes.get(version), self._hashing.get(version)
+        if hashes is not None:
+            result.set_result(hashes)
+            return result
 
-    def _background(self) -> ThreadPoolExecutor:
-        """This process's hashing thread (a forked child, a gunicorn or Celery worker, has none of its parent's)."""
-        if self._thread is None or self._thread_pid != os.getpid():
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-hashes")
-            self._thread_pid = os.getpid()
-        return self._thread
+        def from_bytes() -> None:
+            _settle(result, lambda: self._remember(version, hashes_of([memoryview(data)], tensors)))
 
-    def _hash_bytes(self, version: FileVersion, data: bytes) -> FileHashes:
-        return self._remember(version, lambda: hashes_of([memoryview(data)], _is_safetensors(version)))
+        def after_file(done: Future[FileHashes]) -> None:
+            if done.exception() is None:
+                result.set_result(done.result())
+            else:
+                self._lane("loaded").put(from_bytes)
 
-    def _hash_file(self, version: FileVersion) -> None:
+        if running is not None:
+            running.add_done_callback(after_file)
+        else:
+            self._lane("loaded").put(from_bytes)
+        return result
+
+    def _hash_file(self, version: FileVersion, tensors: bool) -> None:
+        with self._lock:
+            self._asked.discard(version)
+            if version in self._hashes or version in self._hashing:
+                return
+            running = self._hashing[version] = Future()
         try:
-            self._remember(version, lambda: _hash_version(version))
-        except OSError as exc:  # changed or gone since it was listed: the next listing sees what is there
-            log.info("not hashing %s: %s", version.path.name, exc.strerror or exc)
+            _settle(running, lambda: self._remember(version, _hash_version(version, tensors)))
+            if running.exception() is not None:  # changed or gone since it was listed: the next listing sees it
+                log.info("not hashing %s: %s", version.path.name, running.exception())
         finally:
             with self._lock:
-                self._asked.discard(version)
+                self._hashing.pop(version, None)
 
-    def _remember(self, version: FileVersion, compute: Callable[[], FileHashes]) -> FileHashes:
+    def _remember(self, version: FileVersion, hashes: FileHashes) -> FileHashes:
+        log.info("hashed %s (%d bytes)", version.path.name, version.size)
         with self._lock:
-            if version in self._hashes:
-                return self._hashes[version]
-        started = time.perf_counter()
-        hashes = compute()
-        log.info("hashed %s (%d bytes) in %.2f s", version.path.name, version.size, time.perf_counter() - started)
-        with self._lock:
-            while len(self._hashes) >= VERSIONS_KEPT:  # the oldest first: files rewritten again and again
-                del self._hashes[next(iter(self._hashes))]
-            return self._hashes.setdefault(version, hashes)
+            self._hashes[version] = hashes
+            while len(self._hashes) > VERSIONS_KEPT:  # the oldest first: files rewritten again and again
+                self._hashes.popitem(last=False)
+        return hashes
+
+    def _lane(self, name: str) -> _Lane:
+        """A daemon thread per kind of work: what it has queued never holds up the process's exit."""
+        with self._lanes_lock:
+            lane = self._lanes.get(name)
+            if lane is None or not lane.alive:  # none yet, or a forked child, which has none of its parent's
+                lane = self._lanes[name] = _Lane(f"file-hashes-{name}")
+            return lane
 
 
-def _hash_version(version: FileVersion) -> FileHashes:
+class _Lane:
+    def __init__(self, name: str) -> None:
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def put(self, work: Callable[[], None]) -> None:
+        self._work.put(work)
+
+    def _run(self) -> None:
+        while True:
+            self._work.get()()
+
+
+def _settle(future: Future, compute: Callable[[], object]) -> None:
+    try:
+        future.set_result(compute())
+    except Exception as exc:
+        future.set_exception(exc)
+
+
+def _hash_version(version: FileVersion, tensors: bool) -> FileHashes:
     """Read in pieces (a listing must not hold a whole large file in memory); FileChanged unless the file was
     that version all along."""
-    descriptor = os.open(version.path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(descriptor, "rb") as file:
-        if FileVersion.of(version.path, os.fstat(descriptor)) != version:
+    with open_regular(version.path, follow_links=False) as file:
+        if FileVersion.of(version.path, os.fstat(file.fileno())) != version:
             raise FileChanged(f"{version.path.name} changed since it was listed")
-        hashes = hashes_of(_pieces(file), _is_safetensors(version))
-        if FileVersion.of(version.path, os.fstat(descriptor)) != version:
+        hashes = hashes_of(_pieces(file), tensors)
+        if FileVersion.of(version.path, os.fstat(file.fileno())) != version:
             raise FileChanged(f"{version.path.name} changed while it was read")
     return hashes
-
-
-def _is_safetensors(version: FileVersion) -> bool:
-    return version.path.suffix.lower() == ".safetensors"
 
 
 # One per process: the web side's listing and the generator's loading share it, so no version is hashed twice.

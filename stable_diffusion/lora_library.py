@@ -33,6 +33,8 @@ MIN_WEIGHT, MAX_WEIGHT = -2.0, 2.0
 MAX_LORA_BYTES = 4 << 30
 # A file being copied in is read again a few times before the request is refused.
 READ_ATTEMPTS = 4
+# File versions whose headers are kept.
+HEADERS_KEPT = 1024
 # What a name may hold: no path separators, and none of the characters the two syntaxes use.
 NAME = re.compile(r"[^/\\:,<>\x00-\x1f]+")
 PROMPT_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
@@ -157,6 +159,8 @@ class LoraLibrary:
             header = lora_header(version.path)
             with self._lock:
                 self._headers[version] = header
+                while len(self._headers) > HEADERS_KEPT:  # versions of files rewritten while listed
+                    del self._headers[next(iter(self._headers))]
         return header
 
     def _log_skipped(self, skipped: dict[str, str]) -> None:

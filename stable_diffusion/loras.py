@@ -52,7 +52,8 @@ class LoraAdapters:
         self._family = family(self._text_width)
         # By name, least recently used first.
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
-        self._refused: OrderedDict[FileVersion, InvalidField] = OrderedDict()
+        # Messages, not exceptions: an exception would keep its frames (the file's bytes, the batch) alive.
+        self._refused: OrderedDict[FileVersion, str] = OrderedDict()
         self._serial = 0
         # With TORCH_COMPILE, the UNet's compiled forward while a LoRA batch runs it uncompiled.
         self._compiled_forward = None
@@ -97,7 +98,7 @@ class LoraAdapters:
             self._loaded.move_to_end(name)
             return entry
         if version in self._refused:
-            raise self._refused[version]
+            raise InvalidField(self._refused[version])
         if entry is not None:  # the file changed since it was loaded
             self._drop(name)
         started = time.perf_counter()
@@ -105,7 +106,7 @@ class LoraAdapters:
         try:
             adapter = self._adapter(name, data)
         except InvalidField as refusal:
-            self._refused[version] = refusal
+            self._refused[version] = refusal.message
             while len(self._refused) > REFUSALS_KEPT:
                 self._refused.popitem(last=False)
             log.info("refused LoRA %s: %s", name, refusal.message)
@@ -124,12 +125,12 @@ class LoraAdapters:
                 f"loras: the file of LoRA {name!r} is not a readable .safetensors file ({first_line(exc)}); "
                 "replace it in LORA_DIR."
             ) from None
-        if not any("lora" in key for key in weights):
+        if not any("lora" in key.lower() for key in weights):
             raise InvalidField(
                 f"loras: the file of LoRA {name!r} holds no LoRA weights: it holds {describe_contents(weights)}. "
                 "Replace it in LORA_DIR."
             )
-        if not all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point()):
+        if not all(_finite(tensor) for tensor in weights.values() if tensor.is_floating_point()):
             raise _non_finite(name)
         width = lora_text_width({key: {"shape": list(value.shape)} for key, value in weights.items()})
         if width is not None and width != self._text_width:
@@ -142,18 +143,19 @@ class LoraAdapters:
         adapter = f"lora_{self._serial}"
         try:
             misfit = self._misfit(adapter, self._add_adapter(weights, adapter))
+            overflows = not misfit and self._overflows(adapter)
         except torch.OutOfMemoryError:
             self._remove_adapter(adapter)
             raise  # the generator answers it as the GPU's memory, not the file's fault
         except Exception as exc:  # diffusers and peft raise ValueError, KeyError, RuntimeError... for a misfit
-            misfit = f"diffusers could not load it ({type(exc).__name__})"
+            misfit, overflows = f"diffusers could not load it ({type(exc).__name__})", False
         if misfit:
             self._remove_adapter(adapter)
             raise InvalidField(
                 f"loras: LoRA {name!r} does not fit {self._family}, the model this server runs: {misfit}. "
                 f"Use a LoRA made for {self._family}."
             )
-        if self._overflows(adapter):
+        if overflows:
             self._remove_adapter(adapter)
             raise _non_finite(name)
         return adapter
@@ -233,6 +235,11 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    # torch has no isfinite for 8-bit floats (an FP8 LoRA): those are widened first, one tensor at a time.
+    return bool(torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor).all())
 
 
 def _non_finite(name: str) -> InvalidField:
