@@ -4,7 +4,7 @@
     sd-client generate photo.png "a lighthouse at dusk" -o out.png --insecure    # after `pip install .`
 
 It submits a job, follows its event stream with a progress bar, and saves the result. The server's
-address and key come from --url/--key or SD_API_URL/SD_API_KEY.
+address and key come from --url/--key, or SD_API_URL and SD_API_KEY (or API_KEY, the server's name for it).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def _form_value(value: object) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.key:
-        print("error: no API key: pass --key or set SD_API_KEY", file=sys.stderr)
+        print("error: no API key: pass --key, or set SD_API_KEY (or API_KEY, as the server's .env names it)",
+              file=sys.stderr)
         return 2
     if args.insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except requests.exceptions.SSLError as exc:
         print(_certificate_advice(exc, args.ca_cert), file=sys.stderr)
         return 1
+    except requests.ConnectionError:
+        print(_unreachable(args.url), file=sys.stderr)
+        return 1
     except (ApiError, requests.RequestException, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -152,6 +156,9 @@ def _print_models(client: Client, ca_cert: str | None) -> int:
         models = client.models()
     except requests.exceptions.SSLError as exc:
         print(_certificate_advice(exc, ca_cert), file=sys.stderr)
+        return 1
+    except requests.ConnectionError:
+        print(_unreachable(client.url), file=sys.stderr)
         return 1
     except (ApiError, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -197,10 +204,19 @@ def _certificate_advice(exc: requests.exceptions.SSLError, ca_cert: str | None) 
     )
 
 
+def _unreachable(url: str) -> str:
+    return f"error: nothing answers at {url}: is the server running there? Pass --url or set SD_API_URL."
+
+
 def _parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--url", default=os.environ.get("SD_API_URL", DEFAULT_URL), help="default: $SD_API_URL")
-    connection.add_argument("--key", default=os.environ.get("SD_API_KEY"), help="default: $SD_API_KEY")
+    connection.add_argument(
+        "--url", default=os.environ.get("SD_API_URL", DEFAULT_URL), help=f"default: $SD_API_URL, else {DEFAULT_URL}"
+    )
+    connection.add_argument(
+        "--key", default=os.environ.get("SD_API_KEY") or os.environ.get("API_KEY"),
+        help="default: $SD_API_KEY, else $API_KEY",
+    )
     trust = connection.add_mutually_exclusive_group()
     trust.add_argument("--insecure", action="store_true", help="accept any certificate (the self-signed one)")
     trust.add_argument("--ca-cert", help="trust this certificate file, e.g. the server's ssl_cert/cert.pem")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from PIL import Image
 
 from service.settings import REPO_ROOT
 from stable_diffusion.client import ApiError, Client
-from tests.conftest import API_KEY, LiveServer
+from tests.conftest import API_KEY, LiveServer, free_port
 from tests.images import png_bytes
 from web.tls import ensure_certificate
 
@@ -70,6 +71,28 @@ def test_the_command_line_client_saves_the_picture(live_server, tmp_path):
     assert "saved" in completed.stdout and "seed 5" in completed.stdout
     assert "succeeded" in completed.stderr  # the progress bar
     assert Image.open(tmp_path / "out.png").format == "PNG"
+
+
+def test_the_command_line_client_takes_api_key_and_names_a_url_it_cannot_reach(live_server):
+    """The README sets API_KEY, and the client reads it too; with nothing listening at the URL, one line says
+    which URL it tried (a raw HTTPSConnectionPool error before). --help gives the defaults."""
+    env = {name: value for name, value in os.environ.items() if name not in ("SD_API_KEY", "SD_API_URL")}
+    env["API_KEY"] = API_KEY
+    command = [sys.executable, "-m", "stable_diffusion.client"]
+    listed = subprocess.run([*command, "models", "--url", live_server.url, "--insecure"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.startswith("sd_model: tiny"), listed.stderr
+    closed = f"https://127.0.0.1:{free_port()}"
+    refused = subprocess.run([*command, "models", "--url", closed, "--insecure"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"error: nothing answers at {closed}: is the server running there? Pass --url or set SD_API_URL."
+    )
+    shown = subprocess.run([*command, "generate", "--help"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=120).stdout
+    assert "$SD_API_URL, else https://127.0.0.1:5000" in " ".join(shown.split())
+    assert "$SD_API_KEY, else $API_KEY" in " ".join(shown.split())
 
 
 def test_the_command_line_client_reports_api_errors(live_server, tmp_path):
