@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from stable_diffusion.errors import ModelLoadError
+from stable_diffusion.errors import ModelLoadError, first_line
 from stable_diffusion.file_reading import HASHES, FileChanged, FileHashes, read_whole
 
 SAFE_SUFFIX = ".safetensors"
@@ -241,9 +241,3 @@ def _text_encoder(
             f"({len(problems.missing_keys)} missing, {len(problems.unexpected_keys)} unexpected; first: {first})."
         )
     return model.to(dtype).eval()
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, at most 300 characters, for a message; its type when it says nothing."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

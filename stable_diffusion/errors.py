@@ -83,3 +83,9 @@ class StorageFull(ServiceError):
 class ModelLoadError(Exception):
     """The weights could not be found or loaded, or the device cannot run them; the message says what was
     tried and which setting to change. Raised at start-up, never to a caller."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 300 characters, for a message; its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from transformers.utils import logging as transformers_logging
 
-from stable_diffusion.checkpoints import describe_contents, first_line
-from stable_diffusion.errors import InvalidField
+from stable_diffusion.checkpoints import describe_contents
+from stable_diffusion.errors import InvalidField, first_line
 from stable_diffusion.file_reading import HASHES, FileHashes, FileVersion
 from stable_diffusion.lora_library import MAX_WEIGHT, MIN_WEIGHT, LoraLibrary, LoraSet, family, lora_text_width
 from stable_diffusion.recipe import AppliedLora

@@ -16,6 +16,19 @@ PIECE = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def padded_versions(lora: Path, folder: Path) -> list[Path]:
+    """Two versions of `lora`, each with 160 MB of padding (different bytes), written into `folder`: large
+    enough that reading one takes long enough for a rewrite to land in the middle of a read."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(lora)
+    versions = [folder / f"{lora.stem}-padded-{seed}.bin" for seed in (1, 2)]
+    for seed, version in enumerate(versions, start=1):
+        save_file(tensors | {"padding": torch.full((40_000_000,), float(seed))}, str(version))
+    return versions
+
+
 def start(target: Path, seconds: float, versions: list[Path], removing: bool = False) -> subprocess.Popen:
     """This script in a process of its own, writing `versions` over `target` for `seconds`."""
     command = [sys.executable, "-m", "tests.rewrite_in_place", str(target), str(seconds), *map(str, versions)]

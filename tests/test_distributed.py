@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 import redis
 import requests
-import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from service.api_keys import digest
 from service.distributed import wire
@@ -119,10 +117,7 @@ def test_a_lora_paints_as_in_local_mode_and_one_rewritten_in_place_never_kills_a
     assert distributed.status_code == 200 and local.status_code == 200, distributed.text
     assert np.array_equal(pixels(distributed.content), pixels(local.content))
     folder = Path(web.environment["LORA_DIR"])
-    ink = load_file(folder / "ink.safetensors")
-    versions = [folder.parent / f"moving-{seed}.bin" for seed in (1, 2)]
-    for seed, version in enumerate(versions, start=1):
-        save_file(ink | {"padding": torch.full((40_000_000,), float(seed))}, str(version))
+    versions = rewrite_in_place.padded_versions(folder / "ink.safetensors", folder.parent)
     writer = rewrite_in_place.start(folder / "moving.safetensors", 8, versions)
 
     def client(index: int) -> list[requests.Response]:

@@ -288,11 +288,7 @@ def test_a_lora_changed_while_requested_costs_at_most_a_400_and_never_the_server
 
     folder = files["ink"].parent
     moving = folder / "moving.safetensors"
-    ink = load_file(files["ink"])
-    # 160 MB, so that reading it takes long enough for a rewrite to land in the middle of a read.
-    versions = [folder.parent / f"moving-{seed}.bin" for seed in (1, 2)]
-    for seed, version in enumerate(versions, start=1):
-        save_file(ink | {"padding": torch.full((40_000_000,), float(seed))}, str(version))
+    versions = rewrite_in_place.padded_versions(files["ink"], folder.parent)
     shutil.copy(versions[0], moving)
     stop = threading.Event()
     answers: dict[str, list] = {"moving": [], "none": []}

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, StringConstraints, TypeAdapter, Validatio
 
 from service.interface import RenderedOutput
 from service.storage import STEM, STORED_NAME
-from stable_diffusion.errors import ServiceError
+from stable_diffusion.errors import ServiceError, first_line
 from stable_diffusion.image_processing import DecodedImage, encode_png
 from stable_diffusion.recipe import GenerationRequest
 
@@ -74,7 +74,7 @@ def read_request(message: object, max_frames: int) -> tuple[GenerationRequest, D
         images = fields.get("control_images")
         if not isinstance(images, list) or not 1 <= len(images) <= max_frames:
             raise UntrustedMessage(f"a task must carry 1 to {max_frames} edge maps")
-        fields["control_images"] = tuple(_image(text, MAX_EDGE_MAP_SIDE) for text in images)
+        fields["control_images"] = tuple(_image(text) for text in images)
         # JSON has no tuples: the LoRA set comes back as lists, and requests batch by it, so it must hash.
         fields["loras"] = tuple((name, weight) for name, weight in fields.get("loras", ()))
         if len(json.dumps(fields.get("recipe", {}))) > MAX_RECIPE_CHARS:
@@ -161,21 +161,23 @@ def read_output(reply: Done) -> RenderedOutput:
 
 
 def read_preview(reply: Stepped) -> Image.Image | None:
-    return _image(reply.preview, MAX_EDGE_MAP_SIDE) if reply.preview else None
+    return _image(reply.preview) if reply.preview else None
 
 
 def _png_text(image: Image.Image) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
 
 
-def _image(text: object, max_side: int) -> Image.Image:
+def _image(text: object) -> Image.Image:
     """A PNG, its size read from its header and bounded before any pixel is decoded."""
     if not isinstance(text, str):
         raise UntrustedMessage("an image that is not text")
     try:
         image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"])
-        if max(image.size) > max_side:
-            raise UntrustedMessage(f"an image of {image.width}x{image.height}, larger than {max_side} a side")
+        if max(image.size) > MAX_EDGE_MAP_SIDE:
+            raise UntrustedMessage(
+                f"an image of {image.width}x{image.height}, larger than {MAX_EDGE_MAP_SIDE} a side"
+            )
         image.load()
     except (binascii.Error, OSError, Image.DecompressionBombError) as exc:
         raise UntrustedMessage(f"an image that is no PNG ({_first_line(exc)})") from None
@@ -186,5 +188,5 @@ def _first_line(exc: BaseException) -> str:
     """What was wrong, in one line: for pydantic, where and what."""
     if isinstance(exc, ValidationError) and exc.errors():
         error = exc.errors()[0]
-        return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:200]
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"[:300]
+    return first_line(exc)
