@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stable_diffusion.errors import ModelLoadError, first_line
-from stable_diffusion.file_reading import HASHES, FileChanged, FileHashes, read_whole
+from stable_diffusion.file_reading import HASHES, FileChanged, FileHashes, read_safetensors_header, read_whole
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -65,21 +66,30 @@ def is_checkpoint_file(name: str) -> bool:
     return name.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
+def checkpoint_problem(setting: str, path: Path, allow_pickle: bool) -> str | None:
+    """What is wrong with a checkpoint file, seen from the file and its safetensors header alone (no weights
+    read): the one line start-up reports before anything else is loaded or downloaded; None when nothing shows."""
+    where = f"{setting}={path}"
+    problem = _file_problem(setting, path, allow_pickle)
+    if problem or path.suffix.lower() != SAFE_SUFFIX:
+        return problem
+    try:
+        header = read_safetensors_header(path, follow_links=True)
+    except ValueError as exc:
+        return _unreadable(where, str(exc))
+    except OSError as exc:
+        return f"Could not load {where}: {exc.strerror or exc}."
+    return _kind_problem(setting, path, describe_contents(header))
+
+
 def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], ModelFile]:
     """The file's tensors by name and the file, or a ModelLoadError naming the setting and what the file is.
     The file is read whole, one version of it (file_reading.py): one changed while read is refused, never
     mapped, so truncating it cannot kill the process."""
     where = f"{setting}={path}"
-    if not path.is_file():
-        raise ModelLoadError(f"Could not load {where}: no such file. Set {setting} to an existing checkpoint file.")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"Could not load {where}: the file is empty. Copy the checkpoint again.")
-    pickled = path.suffix.lower() != SAFE_SUFFIX
-    if pickled and not allow_pickle:
-        raise ModelLoadError(
-            f"Refusing {where}: a {path.suffix} file is a Python pickle, which can run any code as it loads. "
-            f"Use the model's .safetensors file, or set ALLOW_PICKLE_CHECKPOINTS=true if you trust this one."
-        )
+    problem = _file_problem(setting, path, allow_pickle)
+    if problem:
+        raise ModelLoadError(problem)
     try:
         data, version = read_whole(path, MAX_CHECKPOINT_BYTES)
     except FileChanged:
@@ -89,17 +99,37 @@ def read_checkpoint(setting: str, path: Path, allow_pickle: bool) -> tuple[dict[
     except OSError as exc:
         raise ModelLoadError(f"Could not load {where}: {exc.strerror or exc}.") from None
     model_file = ModelFile(path.stem, version.size, HASHES.of_bytes(version, data, tensors=False))
+    pickled = path.suffix.lower() != SAFE_SUFFIX
     return (_read_pickle(where, data) if pickled else _read_safetensors(where, data)), model_file
+
+
+def _file_problem(setting: str, path: Path, allow_pickle: bool) -> str | None:
+    """A missing or empty file, or a pickle not allowed: seen without opening the file."""
+    where = f"{setting}={path}"
+    if not path.is_file():
+        return f"Could not load {where}: no such file. Set {setting} to an existing checkpoint file."
+    if path.stat().st_size == 0:
+        return f"Could not load {where}: the file is empty. Copy the checkpoint again."
+    if path.suffix.lower() != SAFE_SUFFIX and not allow_pickle:
+        return (
+            f"Refusing {where}: a {path.suffix} file is a Python pickle, which can run any code as it loads. "
+            f"Use the model's .safetensors file, or set ALLOW_PICKLE_CHECKPOINTS=true if you trust this one."
+        )
+    return None
+
+
+def _unreadable(where: str, reason: str) -> str:
+    return (
+        f"Could not load {where}: it is not a readable .safetensors file ({reason}); it may be "
+        "truncated or another kind of file renamed. Download it again."
+    )
 
 
 def _read_safetensors(where: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, ValueError) as exc:
-        raise ModelLoadError(
-            f"Could not load {where}: it is not a readable .safetensors file ({first_line(exc)}); it may be "
-            "truncated or another kind of file renamed. Download it again."
-        ) from None
+        raise ModelLoadError(_unreadable(where, first_line(exc))) from None
 
 
 def _read_pickle(where: str, data: bytes) -> dict[str, torch.Tensor]:
@@ -114,8 +144,9 @@ def _read_pickle(where: str, data: bytes) -> dict[str, torch.Tensor]:
     return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
 
 
-def describe_contents(checkpoint: dict[str, torch.Tensor]) -> str:
-    """What kind of model the file holds, in words: SD 1.x, SD 2.x, SDXL, a ControlNet, a LoRA, or unknown."""
+def describe_contents(checkpoint: Mapping[str, object]) -> str:
+    """What kind of model the file holds, in words: SD 1.x, SD 2.x, SDXL, a ControlNet, a LoRA, or unknown.
+    Only the tensors' names count, so a safetensors header says it as well as the tensors."""
     keys = checkpoint.keys()
     if any(key.startswith("conditioner.embedders.") for key in keys):
         return "an SDXL model"
@@ -136,12 +167,7 @@ def load_sd_file(
 ) -> tuple[StableDiffusionControlNetPipeline, ModelFile]:
     """An SD 1.5 single file as a pipeline, with the ControlNet given."""
     checkpoint, model_file = read_checkpoint("SD_MODEL", path, allow_pickle)
-    contents = describe_contents(checkpoint)
-    if contents != "an SD 1.x model":
-        hint = " Set it as CONTROLNET_MODEL." if contents == "a ControlNet" else (
-            " Put it in LORA_DIR." if contents == "a LoRA" else " This service runs SD 1.5 models."
-        )
-        raise ModelLoadError(f"Could not load SD_MODEL={path}: the file holds {contents}.{hint}")
+    _raise_problem(_kind_problem("SD_MODEL", path, describe_contents(checkpoint)))
     folder = _architecture("SD_MODEL", path, checkpoint)
     unet = _component("SD_MODEL", path, UNet2DConditionModel, checkpoint, folder / "unet.json", dtype)
     vae = _component("SD_MODEL", path, AutoencoderKL, checkpoint, folder / "vae.json", dtype)
@@ -157,15 +183,28 @@ def load_sd_file(
 
 def load_controlnet_file(path: Path, allow_pickle: bool, dtype: torch.dtype) -> tuple[ControlNetModel, ModelFile]:
     checkpoint, model_file = read_checkpoint("CONTROLNET_MODEL", path, allow_pickle)
-    contents = describe_contents(checkpoint)
-    if contents != "a ControlNet":
-        hint = " Set it as SD_MODEL." if contents == "an SD 1.x model" else ""
-        raise ModelLoadError(
-            f"Could not load CONTROLNET_MODEL={path}: the file holds {contents}, not a ControlNet.{hint}"
-        )
+    _raise_problem(_kind_problem("CONTROLNET_MODEL", path, describe_contents(checkpoint)))
     folder = _architecture("CONTROLNET_MODEL", path, checkpoint)
     controlnet = _component("CONTROLNET_MODEL", path, ControlNetModel, checkpoint, folder / "controlnet.json", dtype)
     return controlnet, model_file
+
+
+def _kind_problem(setting: str, path: Path, contents: str) -> str | None:
+    """SD_MODEL must hold an SD 1.x model and CONTROLNET_MODEL a ControlNet; what else the file holds, in words."""
+    if setting == "SD_MODEL" and contents != "an SD 1.x model":
+        hint = " Set it as CONTROLNET_MODEL." if contents == "a ControlNet" else (
+            " Put it in LORA_DIR." if contents == "a LoRA" else " This service runs SD 1.5 models."
+        )
+        return f"Could not load SD_MODEL={path}: the file holds {contents}.{hint}"
+    if setting == "CONTROLNET_MODEL" and contents != "a ControlNet":
+        hint = " Set it as SD_MODEL." if contents == "an SD 1.x model" else ""
+        return f"Could not load CONTROLNET_MODEL={path}: the file holds {contents}, not a ControlNet.{hint}"
+    return None
+
+
+def _raise_problem(problem: str | None) -> None:
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def cross_attention_width(checkpoint: dict[str, torch.Tensor]) -> int | None:

@@ -91,11 +91,11 @@ def read_whole(path: Path, max_bytes: int, follow_links: bool = True) -> tuple[b
     return data, version
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
+def read_safetensors_header(path: Path, follow_links: bool = False) -> dict[str, dict]:
     """A safetensors file's header, the tensors' names with their dtype, shape and place, read without mapping
     the file or reading its tensors; ValueError when the file is no whole safetensors file. The format is
     eight bytes of little-endian length, then that many bytes of JSON (safetensors' own reader maps the file)."""
-    with open_regular(path, follow_links=False) as file:
+    with open_regular(path, follow_links) as file:
         head = file.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else 0
         if not 2 <= length <= MAX_HEADER_BYTES:

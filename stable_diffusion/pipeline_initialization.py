@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from stable_diffusion.acceleration import Speed, apply_speed_settings
 from stable_diffusion.checkpoints import (
     ModelFile,
+    checkpoint_problem,
     is_checkpoint_file,
     load_controlnet_file,
     load_sd_file,
@@ -44,6 +45,8 @@ RANDOM_MODELS = {TINY_MODEL: TINY_MODEL_DIR, FULL_SIZE_RANDOM_MODEL: FULL_SIZE_M
 TINY_SEED = 0
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_CHECK_TIMEOUT_S = 3.0
+# The Canny ControlNet for SD 1.5 as one file, as AUTOMATIC1111's ControlNet extension keeps it.
+SD15_CANNY_FILE = "control_v11p_sd15_canny_fp16.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +136,15 @@ def _load_pretrained(
 ) -> tuple[StableDiffusionControlNetPipeline, dict[str, ModelFile]]:
     """The pipeline, and the single files it was loaded from (by setting value) with their hashes."""
     sd_model, controlnet_model = config.sd_model, config.controlnet_model
-    settings = {"SD_MODEL": sd_model, "CONTROLNET_MODEL": controlnet_model}
-    files = {name: Path(name).expanduser() for name in settings.values() if is_checkpoint_file(name)}
-    # Where each other model comes from is settled before any weights load, so a message names the setting
-    # that failed, and without a network the cache is read at once instead of after the Hub's retries.
-    hub_reachable = not set(settings.values()) <= set(files) and _hub_reachable()
-    sources = {
-        setting: _model_source(setting, name, hub_reachable)
-        for setting, name in settings.items()
-        if name not in files
-    }
+    files, sources = check_model_settings(config)
     allow_pickle = config.allow_pickle_checkpoints
     loaded: dict[str, ModelFile] = {}
-    if controlnet_model in files:
-        controlnet, loaded[controlnet_model] = load_controlnet_file(files[controlnet_model], allow_pickle, dtype)
+    if "CONTROLNET_MODEL" in files:
+        controlnet, loaded[controlnet_model] = load_controlnet_file(files["CONTROLNET_MODEL"], allow_pickle, dtype)
     else:
         controlnet = _from_pretrained(ControlNetModel, "CONTROLNET_MODEL", controlnet_model, sources, torch_dtype=dtype)
-    if sd_model in files:
-        pipe, loaded[sd_model] = load_sd_file(files[sd_model], allow_pickle, dtype, controlnet)
+    if "SD_MODEL" in files:
+        pipe, loaded[sd_model] = load_sd_file(files["SD_MODEL"], allow_pickle, dtype, controlnet)
     else:
         pipe = _from_pretrained(
             StableDiffusionControlNetPipeline,
@@ -172,6 +166,31 @@ def _load_pretrained(
     return pipe, loaded
 
 
+def check_model_settings(config: ModelConfig) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every model setting checked before any weights load or download: the single files (by setting) and
+    where each other model comes from (`folder`, `hub` or `cache`). A ModelLoadError holds one line for each
+    setting with a problem, so a bad file is never hidden behind another setting's Hub error, and without a
+    network the cache is read at once instead of after the Hub's retries."""
+    settings = {"SD_MODEL": config.sd_model, "CONTROLNET_MODEL": config.controlnet_model}
+    files = {setting: Path(name).expanduser() for setting, name in settings.items() if is_checkpoint_file(name)}
+    problems = [
+        problem
+        for setting, path in files.items()
+        if (problem := checkpoint_problem(setting, path, config.allow_pickle_checkpoints))
+    ]
+    others = {setting: name for setting, name in settings.items() if setting not in files}
+    hub_reachable = bool(others) and _hub_reachable()
+    sources = {}
+    for setting, name in others.items():
+        try:
+            sources[setting] = _model_source(setting, name, hub_reachable, sd_file="SD_MODEL" in files)
+        except ModelLoadError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelLoadError("\n".join(problems))
+    return files, sources
+
+
 def _hub_reachable() -> bool:
     """One quick look instead of the Hub client's retries: False with HF_HUB_OFFLINE set or no connection."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
@@ -185,8 +204,9 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _model_source(setting: str, name: str, hub_reachable: bool) -> str:
-    """`folder`, `hub` or `cache` (the Hub's local cache, the Hub being out of reach), or a ModelLoadError."""
+def _model_source(setting: str, name: str, hub_reachable: bool, sd_file: bool = False) -> str:
+    """`folder`, `hub` or `cache` (the Hub's local cache, the Hub being out of reach), or a ModelLoadError.
+    `sd_file`: SD_MODEL is a single file, which wants a ControlNet file beside it to start offline."""
     where = Path(name).expanduser()
     if where.is_dir():
         return "folder"
@@ -202,11 +222,16 @@ def _model_source(setting: str, name: str, hub_reachable: bool) -> str:
     index = "model_index.json" if setting == "SD_MODEL" else "config.json"
     if isinstance(huggingface_hub.try_to_load_from_cache(name, index), str):
         return "cache"
+    remedy = (
+        f"With a single-file SD_MODEL, set {setting} to a ControlNet file too (for SD 1.5: "
+        f"{SD15_CANNY_FILE}; see the README's \"Your own models\") to start offline"
+        if setting == "CONTROLNET_MODEL" and sd_file
+        else f"Set {setting} to a local diffusers folder, or set SD_MODEL={TINY_MODEL} to try the service offline"
+    )
     raise ModelLoadError(
         f"Could not load {setting}={name!r}: the Hugging Face Hub ({huggingface_hub.constants.ENDPOINT}) cannot "
         "be reached (no network, or HF_HUB_OFFLINE is set) and the model is not in the local Hub cache. "
-        f"Connect once to download it, set {setting} to a local diffusers folder, or set SD_MODEL={TINY_MODEL} "
-        "to try the service offline."
+        f"Connect once to download it. {remedy}."
     )
 
 
