@@ -10,13 +10,20 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 # torch first, the build this machine needs (scripts/install_torch.py says which; TORCH_VARIANT overrides).
-install: $(BIN)/python
+# A stamp in the venv records each install, so pip runs again only when a requirements file has changed.
+install: $(VENV)/.installed-requirements
+
+install-dev: $(VENV)/.installed-requirements-dev
+
+$(VENV)/.installed-requirements: requirements.txt | $(BIN)/python
 	$(BIN)/python scripts/install_torch.py
 	$(BIN)/pip install -r requirements.txt
+	touch $@
 
-install-dev: $(BIN)/python
+$(VENV)/.installed-requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/python
 	$(BIN)/python scripts/install_torch.py
 	$(BIN)/pip install -r requirements-dev.txt
+	touch $@
 
 serve: install
 	$(BIN)/python app.py

@@ -7,15 +7,16 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from flask import Flask
 from flask_cors import CORS
 from gunicorn.app.base import BaseApplication
 
+from service.backend import build_backend
 from service.fields import edge_fields_model, generate_fields_model
 from service.interface import GenerationService
-from service.jobs import JobManager, JobStore
-from service.local import LocalGenerationService
+from service.jobs import JobManager
 from service.settings import Settings, SettingsError
 from stable_diffusion.image_processing import return_freed_pictures_to_the_os
 from stable_diffusion.lora_library import LoraLibrary
@@ -35,24 +36,27 @@ FORM_OVERHEAD_BYTES = 256 * 1024
 APP_LOAD_ERROR = 4
 
 
-def create_app(settings: Settings, service: GenerationService | None = None) -> Flask:
-    """Build the app; without `service`, start the local one, which loads the configured model in the background."""
+def create_app(
+    settings: Settings,
+    service: GenerationService | None = None,
+    on_load_failed: Callable[[Exception], None] | None = None,
+) -> Flask:
+    """Build the app on the backend QUEUE_BACKEND names; without `service`, the backend's own service starts (the
+    local one loads the configured model in the background, and calls `on_load_failed` if it cannot)."""
     app = Flask(__name__, static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         MAX_FORM_MEMORY_SIZE=FORM_OVERHEAD_BYTES,
         MAX_FORM_PARTS=64,
     )
-    service = service or start_service(settings)
+    backend = build_backend(settings, service, on_load_failed)
     return_freed_pictures_to_the_os()
-    store = open_job_store(settings)
     loras = LoraLibrary(settings.lora_dir)
     app.extensions.update(
         settings=settings,
-        service=service,
+        service=backend.service,
         jobs=JobManager(
-            store, service, settings.input_dir, settings.output_dir, settings.job_retention_s,
-            sole_process=settings.queue_backend == "local",
+            backend.jobs, backend.service, settings.input_dir, settings.output_dir, settings.job_retention_s
         ),
         loras=loras,
         generate_fields=generate_fields_model(settings, loras),
@@ -61,9 +65,9 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     init_request_log(app, settings)
     init_security_headers(app, settings)
     init_auth(app, settings)
-    init_rate_limit(app, settings)
+    init_rate_limit(app, settings, backend)
     init_errors(app)
-    app.extensions["metrics"] = Metrics(app, store)
+    app.extensions["metrics"] = Metrics(app, backend.jobs)
     CORS(
         app,
         origins=list(settings.cors_origins),
@@ -76,25 +80,6 @@ def create_app(settings: Settings, service: GenerationService | None = None) -> 
     for blueprint in (operations, images, jobs, pages):
         app.register_blueprint(blueprint)
     return app
-
-
-def start_service(settings: Settings, on_load_failed=None) -> GenerationService:
-    """QUEUE_BACKEND=local: the model loads in this process, in the background. celery: GPU workers elsewhere."""
-    if settings.queue_backend == "celery":
-        from service.distributed.remote import CeleryGenerationService
-
-        return CeleryGenerationService(settings)
-    return LocalGenerationService.start(settings, on_load_failed=on_load_failed)
-
-
-def open_job_store(settings: Settings):
-    """SQLite in this process's folder; Redis, shared by every web process, with QUEUE_BACKEND=celery."""
-    if settings.queue_backend == "celery":
-        from service.distributed.ledger import connect
-        from service.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore(connect(settings.redis_url), settings.job_retention_s)
-    return JobStore(settings.jobs_db)
 
 
 def main() -> int:
@@ -153,10 +138,11 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
         if settings.tls:
             logging.getLogger("gunicorn.error").addFilter(_say_https)
+        logging.getLogger("gunicorn.error").addFilter(_AfterLoadFailureSayNothing())
 
     def load(self) -> Flask:
         """Runs in the worker process: answer /health at once while the model loads in the background."""
-        return create_app(self.settings, start_service(self.settings, on_load_failed=_stop_serving))
+        return create_app(self.settings, on_load_failed=_stop_serving)
 
 
 def _say_https(record: logging.LogRecord) -> bool:
@@ -164,6 +150,21 @@ def _say_https(record: logging.LogRecord) -> bool:
     if record.msg.startswith("Listening at:") and record.args:
         record.args = (str(record.args[0]).replace("http://", "https://"), *record.args[1:])
     return True
+
+
+class _AfterLoadFailureSayNothing(logging.Filter):
+    """Once the worker has printed why the model cannot load and exited with APP_LOAD_ERROR, the arbiter's
+    own lines (the worker's exit code, "Shutting down: Master", "Reason: App failed to load.") say nothing
+    more: the one line stays the last thing the user sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg.startswith("Worker (pid:%s) exited with code") and record.args[1:2] == (APP_LOAD_ERROR,):
+            self.failed = True
+        return not self.failed
 
 
 def _public_url(settings: Settings) -> str:
@@ -203,9 +204,10 @@ def _finish_work(server, worker) -> None:
 
 
 def _stop_serving(error: Exception) -> None:
-    """The model cannot load, so nothing can be served: say why in one line and stop the whole server
-    (gunicorn stops instead of restarting a worker that exits with APP_LOAD_ERROR)."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    """The model cannot load, so nothing can be served: say why, one line per setting at fault, and stop the
+    whole server (gunicorn stops instead of restarting a worker that exits with APP_LOAD_ERROR)."""
+    for line in str(error).splitlines():
+        print(f"error: {line}", file=sys.stderr, flush=True)
     os._exit(APP_LOAD_ERROR)
 
 
