@@ -69,6 +69,8 @@ class Pipelines:
     # LORA_DIR and LORA_CACHE, for the generator's LoRA adapters.
     lora_dir: Path | None = None
     lora_cache: int = 8
+    # A built-in model (tiny, sd15-random): its pictures are noise shaped by the edges, by design.
+    random_weights: bool = False
 
     @property
     def needs_warm_up(self) -> bool:
@@ -128,6 +130,7 @@ def load_pipelines(config: ModelConfig) -> Pipelines:
     return Pipelines(
         pipe, refine, device, dtype, model_name, speed, names, files.get(config.sd_model),
         files.get(config.controlnet_model), config.lora_dir, config.lora_cache,
+        random_weights=config.sd_model in RANDOM_MODELS,
     )
 
 

@@ -67,6 +67,7 @@ class Generator:
         """What runs the generations, for GET /info."""
         return {
             "model": self.pipelines.model_name,
+            "random_weights": self.pipelines.random_weights,
             "family": family(self.pipelines.generate.unet.config.cross_attention_dim),
             "device": str(self.pipelines.device),
             "dtype": str(self.pipelines.dtype).removeprefix("torch."),

@@ -1,36 +1,32 @@
 """Writes model files in the layouts AUTOMATIC1111 and ComfyUI users keep them in, from diffusers models.
 
 A checkpoint is one `.safetensors` file in the original (CompVis/LDM) layout; a ControlNet is in lllyasviel's
-layout; a LoRA is in kohya's. The renaming is worked out from each model's config (how many blocks, how many
-layers in each, which blocks attend), so it serves the tiny model and the full-size SD 1.5 alike.
+layout; a LoRA is in kohya's (written by stable_diffusion/demo_lora.py). The renaming is worked out from each
+model's config (how many blocks, how many layers in each, which blocks attend), so it serves the tiny model and
+the full-size SD 1.5 alike.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Container, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Container, Mapping
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+# The LoRA writer is the product's own (python -m stable_diffusion.demo_lora); the tests use the same one.
+from stable_diffusion.demo_lora import seeded, write_kohya_lora
 from stable_diffusion.pipeline_initialization import TINY_MODEL_DIR
+
+__all__ = ["write_controlnet_checkpoint", "write_kohya_lora", "write_sd_checkpoint", "write_wrong_architecture_lora"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 CONTROLNET_PREFIX = "control_model."
-
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# peft's random init moves the tiny model's 64 px picture by 0.004 on average, as little as another prompt does;
-# four times that changes nearly every pixel (by 0.02 on average, a tenth of what another seed does), all finite.
-LORA_STRENGTH = 4.0
 
 # A module's place in the original layout, and how the layers inside it are named there.
 Place = tuple[str, dict[str, str]]
@@ -65,26 +61,6 @@ def write_controlnet_checkpoint(controlnet: ControlNetModel, path: Path, dtype: 
     return _save(tensors, path, dtype)
 
 
-def write_kohya_lora(
-    unet: UNet2DConditionModel,
-    text_encoder: CLIPTextModel,
-    path: Path,
-    rank: int = 4,
-    seed: int = 0,
-    text_encoder_too: bool = True,
-) -> Path:
-    """A random LoRA on the attention projections, in kohya's layout (`lora_unet_…`, `lora_te_…`).
-
-    The same seed gives the same bytes; the models passed in are left as they were (the adapter goes on copies).
-    """
-    tensors = _kohya_lora("lora_unet", unet, UNET_LORA_TARGETS, rank, seed)
-    if text_encoder_too:
-        # kohya names the layers as CLIPTextModel did before transformers 5 dropped its `text_model` wrapper.
-        wrapper = "" if hasattr(text_encoder, "text_model") else "text_model."
-        tensors |= _kohya_lora("lora_te", text_encoder, TEXT_ENCODER_LORA_TARGETS, rank, seed + 1, wrapper)
-    return _save(tensors, path, torch.float32)
-
-
 def write_wrong_architecture_lora(path: Path) -> Path:
     """A kohya LoRA with the tiny model's layer names but twice its widths, so no layer's shape fits."""
     unet_config = json.loads((TINY_MODEL_DIR / "unet.json").read_text())
@@ -92,7 +68,7 @@ def write_wrong_architecture_lora(path: Path) -> Path:
     unet_config["block_out_channels"] = [2 * width for width in unet_config["block_out_channels"]]
     unet_config["cross_attention_dim"] *= 2
     text_config["hidden_size"] *= 2
-    with _seeded(0):
+    with seeded(0):
         unet = UNet2DConditionModel(**unet_config)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     return write_kohya_lora(unet, text_encoder, path)
@@ -234,33 +210,6 @@ def _text_encoder_tensors(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor
     """The CLIP text encoder under its transformers names, with the `text_model.` level checkpoints keep."""
     wrapper = "" if hasattr(text_encoder, "text_model") else "text_model."
     return {f"{TEXT_ENCODER_PREFIX}{wrapper}{key}": tensor for key, tensor in text_encoder.state_dict().items()}
-
-
-def _kohya_lora(
-    kohya_prefix: str, model: torch.nn.Module, targets: list[str], rank: int, seed: int, wrapper: str = ""
-) -> dict[str, torch.Tensor]:
-    """A random peft LoRA on a copy of `model`, each layer's pair as kohya's `lora_down`/`lora_up`/`alpha`."""
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets)
-    with _seeded(seed):
-        adapted = inject_adapter_in_model(config, copy.deepcopy(model))
-    tensors = {}
-    for key, tensor in get_peft_model_state_dict(adapted).items():
-        module, pair = key.rsplit(".lora_", 1)
-        name = f"{kohya_prefix}_{(wrapper + module).replace('.', '_')}"
-        if pair == "A.weight":
-            tensors[f"{name}.lora_down.weight"] = tensor
-            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
-        else:
-            tensors[f"{name}.lora_up.weight"] = tensor * LORA_STRENGTH
-    return tensors
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Random numbers from `seed` inside, and the caller's random state as it was afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:

@@ -88,8 +88,17 @@ def test_api_errors_show_as_readable_messages(browser, live_server, tmp_path):
     fill_form(browser, live_server, tmp_path, "not-the-key")
     element(browser, "submit").click()
     WebDriverWait(browser, 30).until(lambda _: element(browser, "error").is_displayed())
-    assert "Invalid API key" in element(browser, "error").text
+    # In the words of the page, where a person typed a key into a field: no header names.
+    assert "The API key is wrong" in element(browser, "error").text
+    assert "x-api-key" not in element(browser, "error").text
     assert not element(browser, "download").is_displayed()
+
+
+def test_the_page_says_the_server_runs_random_weights(browser, live_server, tmp_path):
+    fill_form(browser, live_server, tmp_path, API_KEY)
+    WebDriverWait(browser, 30).until(lambda _: element(browser, "model-note").is_displayed())
+    assert "random weights" in element(browser, "model-note").text
+    assert "SD_MODEL=tiny" in element(browser, "model-note").text
 
 
 def set_range(browser, element_id: str, value: int) -> None:

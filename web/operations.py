@@ -65,6 +65,10 @@ class Info(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
+    random_weights: bool = Field(
+        False, description="the model is a built-in one with random weights (SD_MODEL=tiny): its pictures are noise "
+        "shaped by the edges, for trying and testing the service"
+    )
     device: str
     fields: FieldSchemas
     limits: Limits

@@ -14,6 +14,7 @@ keyInput.addEventListener("change", () => {
   localStorage.setItem("apiKey", keyInput.value);
   previewEdgesSoon();
   loadLoras();
+  loadModelNote();
 });
 for (const id of ["sensitivity", "low-threshold", "high-threshold"]) $(id).addEventListener("input", showValues);
 $("image").addEventListener("change", previewEdgesSoon);
@@ -28,6 +29,7 @@ $("cancel").addEventListener("click", () => {
 });
 loadFieldLimits().catch((error) => showError(`Could not read the fields' limits from /openapi.json: ${error.message}`));
 loadLoras();
+loadModelNote();
 
 // Limits, defaults and choices of the controls come from the OpenAPI document (public), built from
 // the same field definitions the server validates with, so the page never disagrees with the API.
@@ -68,6 +70,17 @@ async function loadLoras() {
     note.hidden = false;
   }
   form.dataset.loras = "loaded";
+}
+
+// Whether the server runs random weights (GET /info needs the key), so its noise does not look like a bug.
+async function loadModelNote() {
+  if (!keyInput.value) return;
+  try {
+    $("model-note").hidden = !(await (await call("/info")).json()).random_weights;
+  } catch (error) {
+    if (error.status === 503) setTimeout(loadModelNote, 2000);  // the model is still loading
+    else $("model-note").hidden = true;
+  }
 }
 
 function loraRow(lora) {
@@ -131,7 +144,12 @@ async function call(url, options = {}) {
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-    throw new Error(message);
+    // The server's words are for API clients (a header); a person here typed a key into a field.
+    if (response.status === 401) {
+      message = keyInput.value ? "The API key is wrong: check the key you typed in the API key field."
+        : "Enter the API key in the API key field.";
+    }
+    throw Object.assign(new Error(message), { status: response.status });
   }
   return response;
 }
