@@ -17,7 +17,7 @@ from service.backend import build_backend
 from service.fields import edge_fields_model, generate_fields_model
 from service.interface import GenerationService
 from service.jobs import JobManager
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, environment_overrides
 from stable_diffusion.image_processing import return_freed_pictures_to_the_os
 from stable_diffusion.lora_library import LoraLibrary
 from web.access import RATE_LIMIT_HEADERS, init_auth, init_rate_limit
@@ -90,6 +90,9 @@ def main() -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    overridden = environment_overrides()
+    if overridden:
+        print(f"note: the environment sets {', '.join(overridden)}, which replaces what .env says", file=sys.stderr)
     try:
         if settings.tls and ensure_certificate(settings.tls_cert_file, settings.tls_key_file):
             print(f"created a self-signed certificate: {settings.tls_cert_file}", file=sys.stderr)

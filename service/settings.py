@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -221,8 +222,7 @@ class Settings(BaseSettings):
         """Read `env_file` (SD_ENV_FILE in `environ` replaces the default), let `environ` (default: the
         process environment) win, then `overrides`."""
         environ = os.environ if environ is None else environ
-        if env_file == DEFAULT_ENV_FILE and ENV_FILE_VARIABLE in environ:
-            env_file = Path(environ[ENV_FILE_VARIABLE]) if environ[ENV_FILE_VARIABLE] else None
+        env_file = _chosen_env_file(env_file, environ)
         # Only the settings' own names: the rest of the environment is not ours, and BaseSettings would take
         # a variable named like one of its options (_env_file, _cli_parse_args) as that option.
         names = {key for name, field in cls.model_fields.items() for key in (name, field.alias)}
@@ -231,6 +231,27 @@ class Settings(BaseSettings):
             return cls(_env_file=env_file, **values)
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
+
+
+def environment_overrides(
+    env_file: Path | None = DEFAULT_ENV_FILE, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """The settings the env file sets that the environment replaces with another value: their names only
+    (values may be secret), for start-up to say so rather than serve with a key the user did not expect."""
+    environ = os.environ if environ is None else environ
+    env_file = _chosen_env_file(env_file, environ)
+    if env_file is None or not env_file.is_file():
+        return []
+    in_file = dotenv_values(env_file)
+    names = {field.alias or name for name, field in Settings.model_fields.items()}
+    return sorted(name for name in names if in_file.get(name) and environ.get(name, in_file[name]) != in_file[name])
+
+
+def _chosen_env_file(env_file: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """SD_ENV_FILE in `environ` replaces the default file; empty, no file is read."""
+    if env_file == DEFAULT_ENV_FILE and ENV_FILE_VARIABLE in environ:
+        return Path(environ[ENV_FILE_VARIABLE]) if environ[ENV_FILE_VARIABLE] else None
+    return env_file
 
 
 class _EnvFileSource(DotEnvSettingsSource):

@@ -138,3 +138,20 @@ def test_make_installs_again_only_when_a_requirements_file_changed(tmp_path, tar
         os.utime(venv / stamp, (changed - 60, changed - 60))
         assert "pip install" in dry_run(target, venv), f"{name} changed, and make would not install"
         os.utime(venv / stamp, (newest + 60, newest + 60))
+
+
+def test_start_up_says_when_the_environment_replaces_a_setting_of_the_env_file(tmp_path):
+    env_file = tmp_path / "my.env"
+    # An empty setting, as .env.example leaves API_KEY, is none to replace; a later line wins, as in dotenv.
+    env_file.write_text("CORS_ORIGINS=\nAPI_KEY=\nAPI_KEY=from-the-file\nLOG_BACKUPS=5\n")
+    # The environment's API_KEY (LiveServer's test key) differs from the file's; LOG_BACKUPS is the same.
+    missing = str(tmp_path / "none.safetensors")
+    server = LiveServer(tmp_path, SD_ENV_FILE=str(env_file), SD_MODEL=missing, LOG_BACKUPS="5", CORS_ORIGINS="")
+    try:
+        server.process.wait(timeout=120)
+    finally:
+        server.log.close()
+
+    notes = [line for line in server.output().splitlines() if line.startswith("note:")]
+    assert notes == ["note: the environment sets API_KEY, which replaces what .env says"]
+    assert "from-the-file" not in server.output()
