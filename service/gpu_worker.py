@@ -14,13 +14,16 @@ from functools import partial
 from celery import signals
 
 from service.distributed.celery_app import GENERATE_TASK, QUEUE, make_celery
-from service.distributed.gpu import GpuRunner
-from service.distributed.ledger import Ledger, connect
+from service.distributed.gpu_side import GpuRunner
+from service.distributed.ledger import Ledger
+from service.jobs.redis_store import RedisJobStore
 from service.local import load_generator
+from service.redis_connection import connect
 from service.settings import Settings, SettingsError
 from service.worker import GenerationWorker
 
 log = logging.getLogger(__name__)
+GPU_REDIS_TIMEOUT_S = 10
 
 
 def _settings() -> Settings:
@@ -57,8 +60,10 @@ def _load_model(**_) -> None:
         batch_wait_s=settings.batch_wait_ms / 1000,
     )
     horizon = max(settings.generation_timeout_s, settings.task_visibility_timeout_s) * 2
-    ledger = Ledger(connect(settings.redis_url), settings.queue_size, settings.max_queued_per_key, horizon)
-    _runner = GpuRunner(worker, ledger, settings)
+    # Longer than a web process's timeout: an outcome may carry a large result.
+    redis_client = connect(settings.redis_url, timeout_s=GPU_REDIS_TIMEOUT_S)
+    ledger = Ledger(redis_client, settings.queue_size, settings.max_queued_per_key, horizon)
+    _runner = GpuRunner(worker, ledger, RedisJobStore(redis_client, settings.job_retention_s), settings)
 
 
 @signals.worker_shutdown.connect

@@ -1,6 +1,6 @@
 """The seam between the HTTP layer and whatever generates: `GenerationService`, its states, and what it
 hands back. web/ talks to this interface only; `LocalGenerationService` (local.py) runs the model in
-this process, and a distributed backend plugs in here next."""
+this process, `CeleryGenerationService` (distributed/web_side.py) queues it for GPU worker processes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from stable_diffusion.errors import GenerationTimeout
-from stable_diffusion.recipe import EventHandler
+
+if TYPE_CHECKING:
+    from service.jobs.recording import JobRecorder
 
 
 class ServiceState(enum.StrEnum):
@@ -73,6 +76,8 @@ class RenderedOutput:
     seconds: float
     # The process that ran the model (process_name()): answered as X-Worker and logged.
     worker: str
+    # Pictures generated for it (a GIF's frames).
+    images: int = 1
 
 
 @dataclass(frozen=True)
@@ -141,12 +146,14 @@ class GenerationService(ABC):
         """Count work done outside the queue (an edge map) against `owner`'s share of requests in flight."""
 
     @abstractmethod
-    def submit(
-        self, fields: BaseModel, upload: bytes, owner: str, request_id: str, on_event: EventHandler | None = None
-    ) -> Submission:
+    def submit(self, fields: BaseModel, upload: bytes, owner: str, request_id: str) -> Submission:
         """Decode `upload`, save it in INPUT_DIR, queue the generation (the upload is saved first: a full
-        disk costs no generation). `on_event` hears the run's Started and Stepped events and may raise
-        GenerationCanceled to stop it. Raises the ServiceError that refuses the request."""
+        disk costs no generation). Raises the ServiceError that refuses the request."""
+
+    @abstractmethod
+    def submit_job(self, fields: BaseModel, upload: bytes, owner: str, recorder: JobRecorder) -> None:
+        """As `submit`, for the job `recorder.job_id`: whoever runs it records its life with `recorder`
+        (in this process, or on a GPU worker with a recorder of its own on the shared store)."""
 
     @abstractmethod
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
@@ -164,11 +171,6 @@ class GenerationService(ABC):
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """What generates (model, device, dtype, samplers, speed settings); ModelNotReady until it is loaded."""
-
-    def adopt(self, request_id: str, owner: str, on_event: EventHandler | None = None) -> Future | None:
-        """Follow a request another process submitted and can no longer follow (it died): the future of its
-        output, or None when someone else follows it (or, in one process, there is nothing to adopt)."""
-        return None
 
     def gpu_workers(self) -> list[dict] | None:
         """The GPU worker processes that serve this one, each as it describes itself; None when the model

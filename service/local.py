@@ -4,12 +4,14 @@ torch is imported only once the service is built), HTTP threads decode uploads a
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from functools import partial
 
 from pydantic import BaseModel
 
 from service.interface import GenerationService, RenderedOutput, ResultObserver, ServiceState, Submission, process_name
+from service.jobs.recording import JobRecorder
 from service.rendering import render_output
 from service.settings import Settings
 from service.storage import write_atomically
@@ -61,20 +63,24 @@ class LocalGenerationService(GenerationService):
     def counted(self, owner: str) -> AbstractContextManager[None]:
         return self._worker.counted(owner)
 
-    def submit(
-        self, fields: BaseModel, upload: bytes, owner: str, request_id: str, on_event: EventHandler | None = None
-    ) -> Submission:
+    def submit(self, fields: BaseModel, upload: bytes, owner: str, request_id: str) -> Submission:
         prepared = self._uploads.prepare(fields, upload, request_id)
-        try:
-            future = self._worker.submit(
-                prepared.request, on_event, owner=owner, finish=partial(self._finish, prepared)
-            )
-        except ServiceError:
-            self._uploads.discard(prepared)
-            raise
+        future = self._queue(prepared, owner, None)
         request = prepared.request
         cancel = partial(self.cancel, request_id, owner)
         return Submission(request_id, request.seed, request.size, prepared.input_file, future, cancel)
+
+    def submit_job(self, fields: BaseModel, upload: bytes, owner: str, recorder: JobRecorder) -> None:
+        prepared = self._uploads.prepare(fields, upload, recorder.job_id)
+        recorder.taken(prepared.input_file)
+        self._queue(prepared, owner, recorder.on_event).add_done_callback(recorder.finished)
+
+    def _queue(self, prepared: Prepared, owner: str, on_event: EventHandler | None) -> Future[RenderedOutput]:
+        try:
+            return self._worker.submit(prepared.request, on_event, owner=owner, finish=partial(self._finish, prepared))
+        except ServiceError:
+            self._uploads.discard(prepared)
+            raise
 
     def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""
@@ -82,7 +88,9 @@ class LocalGenerationService(GenerationService):
         rendered = render_output(prepared.request, result, prepared.upload, generator.model_name, generator.model_hash)
         file_name = f"{prepared.stem}.{rendered.extension}"
         write_atomically(self._output_dir / file_name, rendered.data)
-        return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, process_name())
+        return RenderedOutput(
+            rendered.data, rendered.mimetype, file_name, result.seconds, process_name(), len(result.images)
+        )
 
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
         return self._uploads.edge_map(fields, upload)

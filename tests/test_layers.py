@@ -99,7 +99,8 @@ class Remote(GenerationService):
     queue_depth, queue_size = 0, 1
     def admit(self, owner): pass
     def counted(self, owner): raise NotImplementedError
-    def submit(self, fields, upload, owner, request_id, on_event=None): raise NotImplementedError
+    def submit(self, fields, upload, owner, request_id): raise NotImplementedError
+    def submit_job(self, fields, upload, owner, recorder): raise NotImplementedError
     def edge_map(self, fields, upload): raise NotImplementedError
     def position(self, request_id): return None
     def cancel(self, request_id): pass

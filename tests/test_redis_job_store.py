@@ -1,5 +1,6 @@
-"""The Redis job store (QUEUE_BACKEND=celery) against a real redis-server: what adoption and /metrics read
-comes from its indexes, never from a scan over every job kept."""
+"""The job stores: the Redis one (QUEUE_BACKEND=celery) against a real redis-server, where what /metrics and
+the retention janitor read comes from its indexes, never from a scan over every job kept, and a record this
+service cannot have written is ignored; both stores keep a finished job's record final."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import time
 
 import pytest
 
-from service.distributed.ledger import connect
 from service.jobs.redis_store import RedisJobStore
-from service.jobs.store import Job, JobStatus
+from service.jobs.store import Job, JobStatus, SqliteJobStore
+from service.redis_connection import connect
 from tests.processes import RedisServer
 
 
@@ -42,17 +43,38 @@ def test_unfinished_jobs_and_counts_follow_every_change_without_scanning(store):
     store.delete("e")
     before = scans(store)
 
-    assert sorted(job.id for job in store.unfinished()) == ["a", "b"]
     assert store.count_by_status() == {
         JobStatus.QUEUED: 1, JobStatus.RUNNING: 1, JobStatus.SUCCEEDED: 1, JobStatus.CANCELED: 1, JobStatus.FAILED: 0,
     }
     assert [job.id for job in store.finished_before(time.time() + 1)] == ["c", "d"]
-    assert scans(store) == before, "adoption and /metrics must not scan every job"
+    assert scans(store) == before, "/metrics and the janitor must not scan every job"
 
 
 def test_a_job_whose_record_is_gone_leaves_the_unfinished_index(store):
     store.add(job("kept"))
     store.add(job("lost"))
     store.redis.delete("sd:job:lost")  # evicted by Redis under memory pressure, say
-    assert [job.id for job in store.unfinished()] == ["kept"]
     assert store.count_by_status()[JobStatus.QUEUED] == 1
+    assert store.redis.zrange("sd:jobs:unfinished", 0, -1) == [b"kept"]
+
+
+def test_a_record_this_service_cannot_have_written_is_ignored(store, caplog):
+    store.add(job("crafted"))
+    store.redis.hset("sd:job:crafted", "status", '"done-by-me"')
+    assert store.get("crafted") is None and store.count_by_status()[JobStatus.QUEUED] == 0
+    assert "cannot have written" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_finished_jobs_record_is_final(kind, store, tmp_path):
+    """A GPU worker's late progress, or a cancel that crosses the job's end, never changes how it ended."""
+    jobs = store if kind == "redis" else SqliteJobStore(tmp_path / "jobs.db")
+    jobs.add(job("done"))
+    jobs.update("done", status=JobStatus.SUCCEEDED, result_file="x.png", step=4, finished_at=time.time())
+    jobs.update("done", status=JobStatus.RUNNING, step=1)
+    jobs.update("done", status=JobStatus.CANCELED, error="late", finished_at=time.time())
+    finished = jobs.get("done")
+    assert (finished.status, finished.step, finished.error, finished.result_file) == (
+        JobStatus.SUCCEEDED, 4, None, "x.png"
+    )
+    assert jobs.count_by_status()[JobStatus.CANCELED] == 0

@@ -10,7 +10,9 @@ from flask import Flask, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 
 from service.api_keys import digest, entry_digest, matches_any
+from service.backend import Backend
 from service.errors import Unauthorized
+from service.redis_connection import WEB_TIMEOUT_S
 from service.settings import Settings
 from web.errors import error_json
 
@@ -68,7 +70,7 @@ def init_auth(app: Flask, settings: Settings) -> None:
         g.owner = digest(given_bytes).hex()
 
 
-def init_rate_limit(app: Flask, settings: Settings) -> None:
+def init_rate_limit(app: Flask, settings: Settings, backend: Backend) -> None:
     """Requests per minute per key, across the endpoints that make work; counted after auth. Answers
     within the limit carry the RateLimit-* headers; a 429 also carries Retry-After."""
     if not settings.rate_limit_per_minute:
@@ -95,9 +97,11 @@ def init_rate_limit(app: Flask, settings: Settings) -> None:
             not is_rate_limited(app, request.endpoint) or request.method == "OPTIONS"
         ),
         # Shared by every web process in celery mode, so N processes do not let N times the limit through;
-        # while Redis is away, each process counts alone rather than failing requests.
-        storage_uri=settings.redis_url if settings.queue_backend == "celery" else "memory://",
-        in_memory_fallback_enabled=settings.queue_backend == "celery",
+        # while Redis is away (or hangs: short timeouts), each process counts alone rather than failing requests.
+        storage_uri=backend.limiter_storage_uri,
+        storage_options={"socket_timeout": WEB_TIMEOUT_S, "socket_connect_timeout": WEB_TIMEOUT_S}
+        if backend.shared else {},
+        in_memory_fallback_enabled=backend.shared,
         strategy="moving-window",
         headers_enabled=True,
         header_name_mapping=RATE_LIMIT_HEADERS,

@@ -1,24 +1,28 @@
 """The queue's shared bookkeeping in Redis, so that every web process on every machine sees the same
 counts: requests queued (the QUEUE_SIZE bound), requests in flight per API key (MAX_QUEUED_PER_KEY),
-cancel marks, replies from GPU workers, and the GPU workers' heartbeats. Checks and reservations are one
-Lua script, so N web processes cannot let N times a limit through."""
+cancel marks, the claims that keep a redelivered task from running twice, the answers to /generate
+requests, and the GPU workers' heartbeats. Checks and reservations are one Lua script, so N web processes
+cannot let N times a limit through."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Annotated
 
 import redis
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
-from service.errors import QueueFull, QueueUnreachable, TooManyRequests
+from service.errors import QueueFull, TooManyRequests
+from service.interface import ServiceState
+from service.redis_connection import PREFIX, reachable
 
-PREFIX = "sd:"
 QUEUED = PREFIX + "queued"
 AVERAGE_SECONDS = PREFIX + "average-seconds"
 WORKERS = PREFIX + "gpu-worker:"
+log = logging.getLogger(__name__)
 # A GPU worker that has not renewed its heartbeat for this long counts as gone.
 HEARTBEAT_TTL_S = 10
 
@@ -39,15 +43,6 @@ return {0, queued}
 """
 
 
-# KEYS: the lease. ARGV: the follower, ttl. Renewed when it is the follower's or free; 0 when another's.
-_RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
-"""
-
-
 def owner_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner}"
 
@@ -60,10 +55,6 @@ def reply_key(request_id: str) -> str:
     return f"{PREFIX}reply:{request_id}"
 
 
-def follow_key(request_id: str) -> str:
-    return f"{PREFIX}follow:{request_id}"
-
-
 def claim_key(request_id: str) -> str:
     return f"{PREFIX}claim:{request_id}"
 
@@ -72,21 +63,16 @@ def done_key(request_id: str) -> str:
     return f"{PREFIX}done:{request_id}"
 
 
-@contextmanager
-def reachable() -> Iterator[None]:
-    """Redis failures become a 503 that says what to do, at once (the client has short timeouts)."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError):
-        raise QueueUnreachable(
-            "The queue's Redis server (REDIS_URL) cannot be reached; retry in a few seconds.", retry_after=5
-        ) from None
+class Heartbeat(BaseModel):
+    """What a GPU worker says of itself every few seconds."""
 
-
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30, retry_on_timeout=False
-    )
+    name: Annotated[str, StringConstraints(max_length=300)]
+    state: ServiceState
+    device: Annotated[str, StringConstraints(max_length=100)]
+    # Its generator's describe(): /info answers it, and validates it there.
+    about: dict
+    running: int = Field(ge=0)
+    images: int = Field(ge=0)
 
 
 class Ledger:
@@ -95,7 +81,6 @@ class Ledger:
         self.redis = client
         self.queue_size, self.max_per_owner, self.horizon_s = queue_size, max_per_owner, horizon_s
         self._reserve = client.register_script(_RESERVE)
-        self._renew = client.register_script(_RENEW)
 
     def check(self, owner: str) -> None:
         """Raise now what `reserve` would (without reserving)."""
@@ -147,11 +132,6 @@ class Ledger:
             return False
         return bool(self.redis.set(claim_key(request_id), worker, nx=True, ex=HEARTBEAT_TTL_S))
 
-    def holder(self, request_id: str) -> str | None:
-        """The worker running the request now, if any."""
-        value = self.redis.get(claim_key(request_id))
-        return value.decode() if value else None
-
     def finished(self, request_id: str) -> bool:
         return bool(self.redis.exists(done_key(request_id)))
 
@@ -167,15 +147,6 @@ class Ledger:
         pipe.delete(claim_key(request_id))
         pipe.execute()
 
-    def hold(self, request_id: str, follower: str, first: bool = False) -> bool:
-        """The web process `follower` reads the request's replies (a lease, renewed while it does);
-        `first`: only when nobody holds it (a follower whose process died lets its lease lapse)."""
-        return bool(self.redis.set(follow_key(request_id), follower, ex=HEARTBEAT_TTL_S, nx=first))
-
-    def renew_hold(self, request_id: str, follower: str) -> bool:
-        """Renew `follower`'s lease; False when another follower holds it."""
-        return bool(self._renew(keys=[follow_key(request_id)], args=[follower, HEARTBEAT_TTL_S]))
-
     def queue_depth(self) -> int:
         with reachable():
             self.redis.zremrangebyscore(QUEUED, "-inf", time.time() - self.horizon_s)
@@ -186,18 +157,17 @@ class Ledger:
             return self.redis.zrank(QUEUED, request_id)
 
     def reply(self, request_id: str, message: dict) -> None:
+        """A /generate request's answer, for the web process that waits for it (or for nobody, once it gave up:
+        the answer then expires)."""
         pipe = self.redis.pipeline()
         pipe.rpush(reply_key(request_id), json.dumps(message))
         pipe.expire(reply_key(request_id), int(self.horizon_s))
         pipe.execute()
 
-    def next_reply(self, request_id: str, timeout_s: int) -> dict | None:
-        popped = self.redis.blpop([reply_key(request_id)], timeout=timeout_s)
+    def next_reply(self, client: redis.Redis, request_id: str, timeout_s: int) -> object | None:
+        """The answer, read with `client` (its socket timeout longer than `timeout_s`), or None after `timeout_s`."""
+        popped = client.blpop([reply_key(request_id)], timeout=timeout_s)
         return json.loads(popped[1]) if popped else None
-
-    def forget(self, request_id: str) -> None:
-        """Replies nobody reads any more; a cancel mark stays (until it expires) for a worker yet to see it."""
-        self.redis.delete(reply_key(request_id))
 
     def average_seconds(self) -> float:
         with reachable():
@@ -212,11 +182,18 @@ class Ledger:
         self.redis.set(WORKERS + name, json.dumps(about), ex=HEARTBEAT_TTL_S)
 
     def workers(self) -> list[dict]:
-        """The GPU workers whose heartbeat is fresh, as each describes itself."""
+        """The GPU workers whose heartbeat is fresh, as each describes itself (a heartbeat this service cannot
+        have written is left out)."""
         with reachable():
             names = list(self.redis.scan_iter(match=WORKERS + "*", count=100))
             values = self.redis.mget(names) if names else []
-        return [json.loads(value) for value in values if value]
+        beats = []
+        for value in filter(None, values):
+            try:
+                beats.append(Heartbeat.model_validate_json(value).model_dump())
+            except ValidationError:
+                log.warning("a GPU worker heartbeat in Redis that this service cannot have written is ignored")
+        return beats
 
     def _refuse(self, refusal: int, count: int) -> None:
         if refusal == 1:

@@ -1,7 +1,8 @@
 """What travels through Redis between a web process and a GPU worker, as JSON: the request (its edge maps
-as lossless PNGs, so a seed gives the same pixels in both modes), the run's events, and its output. Any GPU
-host can write to Redis, so what is read back is checked (types, sizes, names) before it is used: a message
-that fails is an UntrustedMessage, never a path outside a folder or an unbounded allocation."""
+as lossless PNGs, so a seed gives the same pixels in both modes) and, for a /generate request, its answer
+(a job's life is recorded by the GPU worker in the job store instead). Any GPU host can write to Redis, so
+what is read back is checked (types, sizes, names) before it is used: a message that fails is an
+UntrustedMessage, never a path outside a folder or an unbounded allocation."""
 
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from stable_diffusion.image_processing import DecodedImage, encode_png
 from stable_diffusion.recipe import GenerationRequest
 
 # Bounds on what a message may carry: a result (a GIF of many frames at the largest size stays far below
-# this), a preview thumbnail, an error's message, an edge map's side, and the caller's recipe (prompts of
+# this), an error's message, an edge map's side, and the caller's recipe (prompts of
 # MAX_PROMPT_CHARS, at most 100,000 each, and a few numbers).
 MAX_RESULT_BYTES = 512 << 20
-MAX_PREVIEW_BYTES = 4 << 20
 MAX_MESSAGE_CHARS = 2000
 MAX_EDGE_MAP_SIDE = 4096
 MAX_RECIPE_CHARS = 300_000
@@ -35,8 +35,9 @@ class UntrustedMessage(ValueError):
     """A message read from Redis that this service cannot have written."""
 
 
-def request_message(request: GenerationRequest, upload: DecodedImage, owner: str, stem: str, events: bool) -> dict:
-    """A Celery task's argument. `events`: someone watches the run, so previews are worth sending."""
+def request_message(request: GenerationRequest, upload: DecodedImage, owner: str, stem: str, job: bool) -> dict:
+    """A Celery task's argument. `job`: the GPU worker records the run in the job store (a job), rather than
+    answering the web process that waits (/generate)."""
     fields = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)}
     fields["control_images"] = [_png_text(image) for image in request.control_images]
     return {
@@ -44,7 +45,7 @@ def request_message(request: GenerationRequest, upload: DecodedImage, owner: str
         "upload": {"format": upload.format, "durations_ms": list(upload.durations_ms), "loop": upload.loop},
         "owner": owner,
         "stem": stem,
-        "events": events,
+        "job": job,
     }
 
 
@@ -61,11 +62,11 @@ class _Task(BaseModel):
     upload: _Upload
     owner: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     stem: Annotated[str, StringConstraints(pattern=rf"^{STEM.pattern}$")]
-    events: bool
+    job: bool
 
 
 def read_request(message: object, max_frames: int) -> tuple[GenerationRequest, DecodedImage, str, str, bool]:
-    """The request, its upload's timing, its owner, its output's stem and whether someone watches it;
+    """The request, its upload's timing, its owner, its output's stem and whether it is a job;
     UntrustedMessage for a task this service cannot have sent (more than `max_frames` edge maps, a stem that
     is no file stem, ...)."""
     try:
@@ -85,21 +86,13 @@ def read_request(message: object, max_frames: int) -> tuple[GenerationRequest, D
     except (ValidationError, TypeError, ValueError) as exc:
         raise UntrustedMessage(f"not a task this service sends ({_first_line(exc)})") from None
     upload = DecodedImage(task.upload.format, (), tuple(task.upload.durations_ms), task.upload.loop)
-    return request, upload, task.owner, task.stem, task.events
+    return request, upload, task.owner, task.stem, task.job
 
 
-def started(total: int) -> dict:
-    return {"kind": "started", "total": total}
-
-
-def stepped(step: int, total: int, preview: Image.Image | None) -> dict:
-    return {"kind": "stepped", "step": step, "total": total, "preview": preview and _png_text(preview)}
-
-
-def done(output: RenderedOutput, images: int) -> dict:
+def done(output: RenderedOutput) -> dict:
     return {
         "kind": "done", "data": base64.b64encode(output.data).decode("ascii"), "mimetype": output.mimetype,
-        "file_name": output.file_name, "seconds": output.seconds, "worker": output.worker, "images": images,
+        "file_name": output.file_name, "seconds": output.seconds, "worker": output.worker, "images": output.images,
     }
 
 
@@ -108,18 +101,6 @@ def failed(error: ServiceError) -> dict:
         "kind": "failed", "error": type(error).__name__, "status": error.status, "message": error.message,
         "retry_after": error.retry_after,
     }
-
-
-class Started(BaseModel):
-    kind: Literal["started"]
-    total: int = Field(ge=0, le=1_000_000)
-
-
-class Stepped(BaseModel):
-    kind: Literal["stepped"]
-    step: int = Field(ge=0, le=1_000_000)
-    total: int = Field(ge=0, le=1_000_000)
-    preview: Annotated[str, StringConstraints(max_length=MAX_PREVIEW_BYTES * 4 // 3 + 4)] | None = None
 
 
 class Done(BaseModel):
@@ -140,12 +121,12 @@ class Failed(BaseModel):
     retry_after: int | None = Field(None, ge=0, le=3600)
 
 
-Reply = Started | Stepped | Done | Failed
+Reply = Done | Failed
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="kind")])
 
 
 def read_reply(reply: object) -> Reply:
-    """A GPU worker's reply, checked; UntrustedMessage for one this service cannot have sent."""
+    """A GPU worker's answer, checked; UntrustedMessage for one this service cannot have sent."""
     try:
         return _REPLY.validate_python(reply)
     except ValidationError as exc:
@@ -157,11 +138,7 @@ def read_output(reply: Done) -> RenderedOutput:
         data = base64.b64decode(reply.data, validate=True)
     except binascii.Error:
         raise UntrustedMessage("a result that is not base64") from None
-    return RenderedOutput(data, reply.mimetype, reply.file_name, reply.seconds, reply.worker)
-
-
-def read_preview(reply: Stepped) -> Image.Image | None:
-    return _image(reply.preview) if reply.preview else None
+    return RenderedOutput(data, reply.mimetype, reply.file_name, reply.seconds, reply.worker, reply.images)
 
 
 def _png_text(image: Image.Image) -> str:

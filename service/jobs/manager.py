@@ -12,32 +12,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydantic import BaseModel
 
 from service.fields import MAX_SEED
 from service.interface import GenerationService
-from service.jobs.store import Job, JobStatus, JobStore
+from service.jobs.recording import JobRecorder
+from service.jobs.store import Job, JobStatus, JobStore, SharedJobStore
 from service.storage import UntrustedName, stored_file
-from stable_diffusion.errors import Conflict, GenerationCanceled, Gone, NotFound, ServiceError
-from stable_diffusion.image_processing import encode_png, thumbnail
-from stable_diffusion.recipe import GenerationEvent, Started
+from stable_diffusion.errors import Conflict, Gone, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
 # What a result may be served as (a record in a shared store could say text/html).
 RESULT_TYPES = ("image/png", "image/gif")
-
-INTERRUPTED = "The server stopped before this job finished; submit it again."
-CANCELED_QUEUED = "Canceled before it started."
-# Watchers get a preview picture at most this often, this many pixels on its longer side.
-PREVIEW_INTERVAL_S = 1.0
-PREVIEW_SIZE = 256
-# How often a watcher looks at the store for a job that another process of the service follows.
+# How often a watcher looks at a shared store (QUEUE_BACKEND=celery: a GPU worker records the job's changes).
 STORE_POLL_S = 0.5
-# How often a web process looks for jobs nobody follows any more (their process died).
-ADOPT_INTERVAL_S = 5.0
-ADOPT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,46 +39,23 @@ class JobEvent:
     preview_png: bytes | None = None
 
 
-@dataclass
-class _Running:
-    """What only this process knows about an unfinished job."""
-
-    preview_png: bytes | None = None
-    preview_at: float = 0.0
-
-
 class JobManager:
     """Submits jobs to the generation service, records their life in the store, and lets callers watch them."""
 
     def __init__(
-        self,
-        store: JobStore,
-        service: GenerationService,
-        input_dir: Path,
-        output_dir: Path,
-        retention_s: float,
-        sole_process: bool = True,
+        self, store: JobStore, service: GenerationService, input_dir: Path, output_dir: Path, retention_s: float
     ) -> None:
-        """`sole_process`: no other process shares the store, so a job it left unfinished can never finish
-        (with QUEUE_BACKEND=celery, other web processes may still be following theirs)."""
         self.store, self.service = store, service
         self.input_dir, self.output_dir, self.retention_s = input_dir, output_dir, retention_s
-        self._running: dict[str, _Running] = {}
         self._changed = threading.Condition()
         self._version = 0
         self._closed = threading.Event()
-        self._sole_process = sole_process
-        interrupted = store.fail_unfinished(INTERRUPTED) if sole_process else 0
-        if interrupted:
-            log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
         try:
             self.remove_expired()
         except ServiceError as error:  # a shared store out of reach (Redis down): the janitor tries again
             log.warning("expired jobs not removed at start-up: %s", error.message)
         self._janitor = threading.Thread(target=self._remove_expired_periodically, name="job-janitor", daemon=True)
         self._janitor.start()
-        if not sole_process:
-            threading.Thread(target=self._adopt_orphans_periodically, name="job-adopter", daemon=True).start()
 
     def submit(self, owner: str, job_id: str, fields: BaseModel, upload: bytes) -> Job:
         """Record the job, then submit it; refused (QueueFull, StorageFull, a bad upload...), it leaves no
@@ -99,15 +66,11 @@ class JobManager:
             id=job_id, owner=owner, status=JobStatus.QUEUED, step=0, total=0, seed=fields.seed, created_at=time.time()
         )
         self.store.add(job)
-        self._running[job_id] = _Running()
         try:
-            submission = self.service.submit(fields, upload, owner, job_id, partial(self._on_event, job_id))
+            self.service.submit_job(fields, upload, owner, self._recorder(job_id))
         except ServiceError:
-            self._running.pop(job_id, None)
             self.store.delete(job_id)
             raise
-        self.store.update(job_id, input_file=submission.input_file)
-        submission.future.add_done_callback(partial(self._finish, job_id))
         return self.store.get(job_id)
 
     def get(self, job_id: str, owner: str) -> Job:
@@ -126,10 +89,9 @@ class JobManager:
         job = self.get(job_id, owner)
         if job.finished:
             raise Conflict(f"Job {job_id} has already {job.status}; there is nothing to cancel.")
-        # A queued job's future cancels (and _finish records it); a running one stops at its next step.
-        if self.service.cancel(job_id, owner) and job_id not in self._running:
-            # Another process of the service submitted it (QUEUE_BACKEND=celery): it never runs now.
-            self._record(job_id, status=JobStatus.CANCELED, error=CANCELED_QUEUED, finished_at=time.time())
+        if self.service.cancel(job_id, owner):
+            # It left the queue and never runs. (A running one stops at its next step, and its run records that.)
+            self._recorder(job_id).canceled()
         return self.store.get(job_id)
 
     def open_result(self, job_id: str, owner: str) -> tuple[BinaryIO, str, str]:
@@ -151,8 +113,8 @@ class JobManager:
         try:
             return path.open("rb"), job.result_type, path.suffix
         except FileNotFoundError:
-            # Another host answered the job (QUEUE_BACKEND=celery): the store keeps a copy.
-            kept = self.store.get_result(job_id)
+            # A GPU worker ran the job (QUEUE_BACKEND=celery): the shared store keeps its result.
+            kept = cast(SharedJobStore, self.store).get_result(job_id) if self.store.shared else None
             if kept is not None:
                 return io.BytesIO(kept), job.result_type, path.suffix
             raise Gone(
@@ -171,16 +133,16 @@ class JobManager:
         yield JobEvent("status", job)
         sent_preview: bytes | None = None
         quiet_since = time.monotonic()
+        # With a shared store (QUEUE_BACKEND=celery) a GPU worker records the job's changes: look there often.
+        # Alone, every change comes through this process and wakes the wait.
+        wait_s = STORE_POLL_S if self.store.shared else heartbeat_s
         while not job.finished:
-            # With a shared store (QUEUE_BACKEND=celery) another process may record the job's changes: look
-            # there often. Alone, every change comes through this process and wakes the wait.
-            here = job_id in self._running and self._sole_process
             with self._changed:
-                self._changed.wait_for(partial(self._changed_since, seen), heartbeat_s if here else STORE_POLL_S)
+                self._changed.wait_for(partial(self._changed_since, seen), wait_s)
                 news, seen = self._version != seen, self._version
             if self._closed.is_set():
                 return
-            latest = self.store.get(job_id) if news or not here else job
+            latest = self.store.get(job_id) if news or self.store.shared else job
             if latest is None:
                 return
             told = False
@@ -190,7 +152,7 @@ class JobManager:
             elif latest.step != job.step:
                 told = True
                 yield JobEvent("progress", latest)
-            preview = self._latest_preview(job_id)
+            preview = self.store.get_preview(job_id)
             if preview and preview != sent_preview and not latest.finished:
                 sent_preview, told = preview, True
                 yield JobEvent("preview", latest, sent_preview)
@@ -200,13 +162,6 @@ class JobManager:
                 quiet_since = time.monotonic()
                 yield None
             job = latest
-
-    def _latest_preview(self, job_id: str) -> bytes | None:
-        running = self._running.get(job_id)
-        if running is not None:
-            return running.preview_png
-        # Followed by another web process (QUEUE_BACKEND=celery): it shares its previews through the store.
-        return self.store.get_preview(job_id)
 
     def _changed_since(self, seen: int) -> bool:
         return self._version != seen or self._closed.is_set()
@@ -246,59 +201,10 @@ class JobManager:
             except Exception:
                 log.exception("removing expired jobs failed")
 
-    def _adopt_orphans_periodically(self) -> None:
-        """Jobs whose web process died are followed by another one (QUEUE_BACKEND=celery): nothing is lost."""
-        while not self._closed.wait(ADOPT_INTERVAL_S):
-            try:
-                for job in self.store.unfinished():
-                    # A job just taken is not an orphan: its process takes its lease within moments.
-                    if job.id in self._running or time.time() - job.created_at < ADOPT_GRACE_S:
-                        continue
-                    self._running[job.id] = _Running()
-                    future = self.service.adopt(job.id, job.owner, partial(self._on_event, job.id))
-                    if future is None:
-                        self._running.pop(job.id, None)
-                    else:
-                        future.add_done_callback(partial(self._finish, job.id))
-            except Exception:
-                log.exception("adopting jobs whose web process stopped failed")
+    def _recorder(self, job_id: str) -> JobRecorder:
+        return JobRecorder(self.store, job_id, on_change=self._changed_now)
 
-    def _on_event(self, job_id: str, event: GenerationEvent) -> None:
-        """Runs on the GPU's thread: record progress, stop a canceled run."""
-        running = self._running.get(job_id)
-        if isinstance(event, Started):
-            self._record(job_id, status=JobStatus.RUNNING, step=0, total=event.total, started_at=time.time())
-            return
-        if running is not None and time.monotonic() - running.preview_at >= PREVIEW_INTERVAL_S:
-            running.preview_at = time.monotonic()
-            running.preview_png = encode_png(thumbnail(event.preview(), PREVIEW_SIZE))
-            self.store.put_preview(job_id, running.preview_png)
-        self._record(job_id, step=event.step, total=event.total)
-
-    def _finish(self, job_id: str, future) -> None:
-        """The job's future is done: record how it ended (the service saved its output already)."""
-        if future.cancelled():
-            changes = {"status": JobStatus.CANCELED, "error": CANCELED_QUEUED}
-        elif isinstance(error := future.exception(), GenerationCanceled):
-            changes = {"status": JobStatus.CANCELED, "error": error.message}
-        elif isinstance(error, ServiceError):
-            changes = {"status": JobStatus.FAILED, "error": error.message}
-        elif error is not None:
-            changes = {"status": JobStatus.FAILED, "error": f"Generation failed ({type(error).__name__})."}
-        else:
-            output = future.result()
-            self.store.put_result(job_id, output.data)
-            job = self.store.get(job_id)
-            changes = {
-                "status": JobStatus.SUCCEEDED, "result_file": output.file_name, "result_type": output.mimetype,
-                "step": job.total if job else 0,
-            }
-        self._running.pop(job_id, None)
-        self._record(job_id, finished_at=time.time(), **changes)
-
-    def _record(self, job_id: str, **changes: object) -> None:
-        self.store.update(job_id, **changes)
+    def _changed_now(self) -> None:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
-

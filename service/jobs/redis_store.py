@@ -1,23 +1,45 @@
-"""Job records in Redis, for QUEUE_BACKEND=celery: every web process on every machine reads and writes the
-same records, and keeps each job's result there too (for JOB_RETENTION_S), so any of them can serve it."""
+"""Job records in Redis, for QUEUE_BACKEND=celery: web processes on every machine add and read the records,
+GPU workers record their jobs' progress, previews and outcome in them, and keep each job's result there too
+(for JOB_RETENTION_S), so that any web process can serve it."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 
 import redis
+from pydantic import TypeAdapter, ValidationError
 
-from service.distributed.ledger import PREFIX, reachable
 from service.jobs.store import FINISHED, Job, JobStatus
-from stable_diffusion.errors import StorageFull
+from service.redis_connection import PREFIX, reachable
+from stable_diffusion.errors import StorageFull, first_line
+
+log = logging.getLogger(__name__)
 
 FINISHED_INDEX = PREFIX + "jobs:finished"
-# Queued and running jobs by creation time, and finished ones by status: adoption and /metrics read these
-# indexes, never a scan over every job kept (millions, at a cluster's rate and a week's retention).
+# Queued and running jobs by creation time, and finished ones by status: /metrics and the retention janitor
+# read these indexes, never a scan over every job kept (millions, at a cluster's rate and a week's retention).
 UNFINISHED_INDEX = PREFIX + "jobs:unfinished"
 # A running job's latest preview, for watchers on other web processes.
 PREVIEW_TTL_S = 120
+
+# KEYS: the job, the unfinished index, the finished index, the finished status's index. ARGV: the job id, the
+# moment it finished ('' while unfinished), then field and value pairs. A finished job's record is final.
+_UPDATE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= '"queued"' and status ~= '"running"' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+end
+return 1
+"""
+
+
+_RECORD = TypeAdapter(Job)
 
 
 def _key(job_id: str) -> str:
@@ -40,9 +62,12 @@ class RedisJobStore:
     """The JobStore interface on Redis: one hash per job (each field JSON), indexes of unfinished jobs and of
     finished ones (by time, and by status)."""
 
+    shared = True
+
     def __init__(self, client: redis.Redis, retention_s: float) -> None:
         self.redis, self.retention_s = client, retention_s
         self._columns = [field.name for field in fields(Job)]
+        self._update = client.register_script(_UPDATE)
 
     def add(self, job: Job) -> None:
         with reachable(), _room():
@@ -60,15 +85,14 @@ class RedisJobStore:
         return _job(values) if values else None
 
     def update(self, job_id: str, **changes: object) -> None:
+        finished_at = changes.get("finished_at")
+        status_index = _status_index(JobStatus(changes["status"])) if finished_at is not None else UNFINISHED_INDEX
+        pairs = [item for name, value in changes.items() for item in (name, json.dumps(value))]
         with reachable(), _room():
-            pipe = self.redis.pipeline()
-            # Only a job that exists: a late update must not bring a removed job back as a fragment.
-            if not self.redis.exists(_key(job_id)):
-                return
-            pipe.hset(_key(job_id), mapping={name: json.dumps(value) for name, value in changes.items()})
-            if changes.get("finished_at") is not None:
-                self._index_finished(pipe, job_id, JobStatus(changes["status"]), changes["finished_at"])
-            pipe.execute()
+            self._update(
+                keys=[_key(job_id), UNFINISHED_INDEX, FINISHED_INDEX, status_index],
+                args=[job_id, "" if finished_at is None else finished_at, *pairs],
+            )
 
     @staticmethod
     def _index_finished(pipe: redis.client.Pipeline, job_id: str, status: JobStatus, moment: float) -> None:
@@ -89,11 +113,7 @@ class RedisJobStore:
             ids = [job_id.decode() for job_id in self.redis.zrangebyscore(FINISHED_INDEX, "-inf", moment)]
         return [job for job in map(self.get, ids) if job is not None]
 
-    def fail_unfinished(self, message: str) -> int:
-        """Never: other web processes may be following the unfinished jobs."""
-        return 0
-
-    def unfinished(self) -> list[Job]:
+    def _unfinished(self) -> list[Job]:
         """The jobs of the unfinished index, read in one round trip; entries whose record is gone leave it."""
         with reachable():
             ids = self.redis.zrange(UNFINISHED_INDEX, 0, -1)
@@ -104,7 +124,7 @@ class RedisJobStore:
             if gone := [job_id for job_id, values in zip(ids, records, strict=True) if not values]:
                 self.redis.zrem(UNFINISHED_INDEX, *gone)
         jobs = [_job(values) for values in records if values]
-        return [job for job in jobs if not job.finished]
+        return [job for job in jobs if job is not None and not job.finished]
 
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(JobStatus, 0)
@@ -113,7 +133,7 @@ class RedisJobStore:
             for status in finished:
                 pipe.zcard(_status_index(status))
             counts.update(zip(finished, pipe.execute(), strict=True))
-        for job in self.unfinished():
+        for job in self._unfinished():
             counts[job.status] += 1
         return counts
 
@@ -137,8 +157,14 @@ class RedisJobStore:
         self.redis.close()
 
 
-def _job(values: dict[bytes, bytes]) -> Job:
-    return Job(**{name.decode(): json.loads(value) for name, value in values.items()})
+def _job(values: dict[bytes, bytes]) -> Job | None:
+    """A record as Job, checked field by field (any GPU host can write Redis); None for one this service
+    cannot have written, logged."""
+    try:
+        return _RECORD.validate_python({name.decode(): json.loads(value) for name, value in values.items()})
+    except (ValidationError, ValueError) as exc:
+        log.warning("a job record in Redis that this service cannot have written is ignored: %s", first_line(exc))
+        return None
 
 
 class _room:

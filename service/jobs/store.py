@@ -1,15 +1,20 @@
-"""Job records: one SQLite file, safe to call from any thread. Only records: running jobs is manager.py's."""
+"""Job records: what every job store keeps (the JobStore protocol), and the store of one process, a SQLite
+file. Only records: running jobs is manager.py's, recording their life recording.py's."""
 
 from __future__ import annotations
 
 import enum
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 from stable_diffusion.errors import StorageFull
+
+log = logging.getLogger(__name__)
 
 
 # The one list of job statuses: the store, the manager and the OpenAPI document use it; the client and the
@@ -25,6 +30,7 @@ class JobStatus(enum.StrEnum):
 
 
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+INTERRUPTED = "The server stopped before this job finished; submit it again."
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,8 +76,45 @@ class Job:
         return self.status in FINISHED
 
 
-class JobStore:
-    """The job records, one SQLite file; safe to call from any thread."""
+class JobStore(Protocol):
+    """Where jobs are recorded. `shared`: other processes, on other hosts too, read and write the same records
+    (QUEUE_BACKEND=celery: GPU workers record their jobs' progress and outcome there themselves). A finished
+    job's record is final: a late update (progress after a cancel) changes nothing."""
+
+    shared: bool
+
+    def add(self, job: Job) -> None: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def update(self, job_id: str, **changes: object) -> None: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def finished_before(self, moment: float) -> list[Job]: ...
+
+    def count_by_status(self) -> dict[str, int]: ...
+
+    def put_preview(self, job_id: str, png: bytes) -> None: ...
+
+    def get_preview(self, job_id: str) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+class SharedJobStore(JobStore, Protocol):
+    """A store that every process of the service reads (`shared` is True): results are kept there too, since
+    the process that answers a job may run on another host than the one that ran it."""
+
+    def put_result(self, job_id: str, data: bytes) -> None: ...
+
+    def get_result(self, job_id: str) -> bytes | None: ...
+
+
+class SqliteJobStore:
+    """The job records of one process, a SQLite file; previews in memory. Safe to call from any thread."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +124,10 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
         self._columns = [field.name for field in fields(Job)]
+        # The latest preview of each running job (dropped once it finishes): one process serves them all.
+        self._previews: dict[str, bytes] = {}
+        if interrupted := self._fail_unfinished():
+            log.warning("%d job(s) left unfinished by the previous run were marked failed", interrupted)
 
     def add(self, job: Job) -> None:
         """StorageFull when the disk has no room for the record (the job is then not taken)."""
@@ -105,7 +152,12 @@ class JobStore:
     def update(self, job_id: str, **changes: object) -> None:
         assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._lock:
-            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?)",
+                [*changes.values(), job_id, JobStatus.QUEUED, JobStatus.RUNNING],
+            )
+            if changes.get("status") in FINISHED:
+                self._previews.pop(job_id, None)
 
     def delete(self, job_id: str) -> None:
         with self._lock:
@@ -118,39 +170,25 @@ class JobStore:
             ).fetchall()
         return [Job(*row) for row in rows]
 
-    def fail_unfinished(self, message: str) -> int:
-        """Jobs a previous process left queued or running can never finish: mark them failed."""
+    def _fail_unfinished(self) -> int:
+        """Jobs a previous process left queued or running can never finish (this process ran them alone)."""
         with self._lock:
             cursor = self._db.execute(
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE status IN (?, ?)",
-                (JobStatus.FAILED, message, time.time(), JobStatus.QUEUED, JobStatus.RUNNING),
+                (JobStatus.FAILED, INTERRUPTED, time.time(), JobStatus.QUEUED, JobStatus.RUNNING),
             )
         return cursor.rowcount
-
-    def unfinished(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(self._columns)} FROM jobs WHERE status IN ('queued', 'running')"
-            ).fetchall()
-        return [Job(*row) for row in rows]
 
     def count_by_status(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status.value: 0 for status in JobStatus} | dict(rows)
 
-    # One process answers every job here: the result is its file in OUTPUT_DIR, the preview in memory.
-    def put_result(self, job_id: str, data: bytes) -> None:
-        pass
-
-    def get_result(self, job_id: str) -> bytes | None:
-        return None
-
     def put_preview(self, job_id: str, png: bytes) -> None:
-        pass
+        self._previews[job_id] = png
 
     def get_preview(self, job_id: str) -> bytes | None:
-        return None
+        return self._previews.get(job_id)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,201 @@
+"""The GPU worker's side of a generation task: it feeds the task to this process's GenerationWorker (so
+tasks that arrive together share one denoising run), stops a run whose request was canceled, and records
+what happens: a job's life in the shared job store (through the recording code local mode uses), a /generate
+request's answer for the web process that waits for it. The worker owns its jobs' state; no web process
+needs to live for a job to finish."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+
+import redis
+
+from service.distributed import wire
+from service.distributed.ledger import Ledger
+from service.errors import GenerationCanceled, GenerationFailed, InvalidField, QueueUnreachable, ServiceError
+from service.fields import generate_fields_model, parse_fields
+from service.interface import Generated, RenderedOutput, ServiceState, process_name
+from service.jobs.recording import CANCELED_QUEUED, JobRecorder
+from service.jobs.redis_store import RedisJobStore
+from service.rendering import format_loras, render_output
+from service.settings import Settings
+from service.worker import GenerationWorker
+from stable_diffusion.image_processing import DecodedImage
+from stable_diffusion.recipe import GenerationEvent, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 3
+# A task's fields that the web tier's limits bound (the LoRAs too, checked apart).
+CHECKED_FIELDS = (
+    "prompt", "negative_prompt", "sensitivity", "seed", "steps", "guidance_scale", "control_start", "control_end",
+    "refine_strength", "scheduler", "progress_gif",
+)
+# How long an outcome waits for Redis to come back (a restart) before it is given up, logged.
+OUTCOME_PATIENCE_S = 300
+
+
+class GpuRunner:
+    def __init__(self, worker: GenerationWorker, ledger: Ledger, jobs: RedisJobStore, settings: Settings) -> None:
+        self.worker, self.ledger, self.jobs, self.device = worker, ledger, jobs, settings.device
+        self._settings = settings
+        # The limits the web tier applies: a task read from Redis is checked against them again.
+        self._fields = generate_fields_model(settings)
+        self.name = process_name()
+        self._stopped = threading.Event()
+        # Requests this process runs; the heartbeat renews their claims.
+        self._running: set[str] = set()
+        self._images = 0
+        worker.observe(self._generated)
+        self._heart = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
+        self._heart.start()
+
+    def run(self, message: object) -> None:
+        """One Celery task: returns once its outcome is recorded (a job) or answered (/generate)."""
+        try:
+            request, upload, owner, stem, job = wire.read_request(message, self._settings.max_gif_frames)
+            self._check(request)
+        except (wire.UntrustedMessage, InvalidField) as refusal:
+            self._refuse(message, refusal)
+            return
+        request_id = request.request_id
+        recorder = JobRecorder(self.jobs, request_id) if job else None
+        if self._persist(partial(self.ledger.canceled, request_id)):
+            log.info("request %s: canceled before it ran", request_id)
+            self._conclude(request_id, recorder, _failed_future(GenerationCanceled(CANCELED_QUEUED)))
+            return
+        if not self._claim(request_id):
+            return
+        self._persist(partial(self.ledger.left_queue, request_id))
+        on_event = partial(self._on_event, request_id, recorder)
+        try:
+            finish = partial(self._render, request, upload, stem)
+            future = self.worker.submit(request, on_event, owner=owner, finish=finish)
+            future.exception()  # waits
+        except ServiceError as error:
+            future = _failed_future(error)
+        finally:
+            self._running.discard(request_id)
+        self._conclude(request_id, recorder, future)
+        self._persist(partial(self.ledger.release, owner, request_id))
+
+    def _conclude(self, request_id: str, recorder: JobRecorder | None, future: Future) -> None:
+        """Record a job's outcome, or answer a /generate request; then mark the request finished (a copy of its
+        task that Redis hands out again is dropped)."""
+        error = future.exception()
+        log.info("request %s: %s", request_id, "done" if error is None else f"failed ({type(error).__name__})")
+        if recorder is not None:
+            self._persist(partial(recorder.finished, future))
+        elif error is None:
+            self._persist(partial(self.ledger.reply, request_id, wire.done(future.result())))
+        else:
+            if not isinstance(error, ServiceError):
+                error = GenerationFailed(
+                    f"Generation failed; the GPU worker logged the details under request id {request_id}."
+                )
+            self._persist(partial(self.ledger.reply, request_id, wire.failed(error)))
+        self._persist(partial(self.ledger.finish, request_id))
+
+    def _persist(self, write: Callable[[], object]) -> object:
+        """`write` to Redis, again and again while Redis restarts, for up to OUTCOME_PATIENCE_S."""
+        deadline = time.monotonic() + OUTCOME_PATIENCE_S
+        while True:
+            try:
+                return write()
+            except (redis.ConnectionError, redis.TimeoutError, QueueUnreachable) as exc:
+                if time.monotonic() > deadline:
+                    log.error("Redis stayed out of reach for %d s; gave up: %s", OUTCOME_PATIENCE_S, exc)
+                    return None
+                time.sleep(1)
+
+    def _check(self, request: GenerationRequest) -> None:
+        """InvalidField unless the request is one the web tier's fields allow: a GPU worker runs nothing a
+        caller could not have asked for (steps, sizes, LoRAs...), whoever wrote the task into Redis."""
+        values = {name: getattr(request, name) for name in CHECKED_FIELDS}
+        parse_fields(self._fields, values | {"loras": format_loras(request.loras)})
+        largest, sizes = self._settings.max_resolution, {image.size for image in request.control_images}
+        if len(sizes) != 1 or any(side % 8 or not 8 <= side <= largest for side in next(iter(sizes))):
+            raise InvalidField(f"edge maps must share one size, each side a multiple of 8 up to {largest}")
+
+    def _refuse(self, message: object, refusal: Exception) -> None:
+        """Logged; the request's job or waiting web process hears why (a web host and a GPU host set up with
+        different limits land here too)."""
+        reason = refusal.message if isinstance(refusal, InvalidField) else str(refusal)
+        request = message.get("request") if isinstance(message, dict) else None
+        request_id = request.get("request_id") if isinstance(request, dict) else None
+        log.warning("refused a task (request %.64r): %s", request_id, reason)
+        if isinstance(request_id, str) and 0 < len(request_id) <= 200:
+            job = isinstance(message, dict) and message.get("job") is True
+            recorder = JobRecorder(self.jobs, request_id) if job else None
+            self._conclude(request_id, recorder, _failed_future(
+                InvalidField(f"The GPU worker refused the request: {reason}")
+            ))
+
+    def _claim(self, request_id: str) -> bool:
+        """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, or its worker
+        died. Run it only when no live worker holds it: wait while one does; drop it once it finished."""
+        while not self._persist(partial(self.ledger.claim, request_id, self.name)):
+            if self._persist(partial(self.ledger.finished, request_id)):
+                log.info("request %s: already finished by another worker", request_id)
+                return False
+            time.sleep(1)
+        self._running.add(request_id)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopped.set()
+        self.worker.close(timeout)
+
+    def _on_event(self, request_id: str, recorder: JobRecorder | None, event: GenerationEvent) -> None:
+        """On the GPU thread, at every step: stop a canceled request; record a job's progress. Redis out of
+        reach (a restart) costs the run nothing: it goes on, and its outcome waits for Redis."""
+        try:
+            canceled = self.ledger.canceled(request_id)
+            if recorder is not None and not canceled:
+                recorder.on_event(event)
+        except (redis.ConnectionError, redis.TimeoutError, QueueUnreachable):
+            return
+        if canceled:
+            raise GenerationCanceled("Canceled while running.")
+
+    def _render(
+        self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult
+    ) -> RenderedOutput:
+        generator = self.worker.generator
+        rendered = render_output(request, result, upload, generator.model_name, generator.model_hash)
+        file_name = f"{stem}.{rendered.extension}"
+        images = len(result.images)
+        return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, self.name, images)
+
+    def _generated(self, generated: Generated) -> None:
+        self._images += generated.images
+        try:
+            self.ledger.record_seconds(generated.seconds)
+        except (redis.ConnectionError, redis.TimeoutError, QueueUnreachable):
+            pass
+
+    def _beat(self) -> None:
+        while not self._stopped.is_set():
+            state = self.worker.state
+            about = {}
+            if state == ServiceState.READY:
+                about = self.worker.generator.describe()
+            try:
+                self.ledger.beat(self.name, {
+                    "name": self.name, "state": state, "device": self.device, "about": about,
+                    "running": len(self._running), "images": self._images,
+                })
+                self.ledger.renew(list(self._running))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("the heartbeat could not reach Redis (%s); retrying", exc)
+            self._stopped.wait(HEARTBEAT_S)
+
+
+def _failed_future(error: Exception) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
