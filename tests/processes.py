@@ -20,7 +20,8 @@ from web.tls import ensure_certificate
 
 
 class RedisServer:
-    """redis-server on a free loopback port, nothing written to disk (scripts/install_redis.sh installs it).
+    """redis-server on a free loopback port, run as DEPLOY.md says: what it holds is kept in an append-only
+    file in `folder`, so a restart (even after SIGKILL) loses nothing (scripts/install_redis.sh installs it).
     With `tls`, it speaks only TLS, with a self-signed certificate that clients verify (rediss://)."""
 
     def __init__(self, folder: Path, password: str | None = None, port: int | None = None, tls: bool = False) -> None:
@@ -28,7 +29,7 @@ class RedisServer:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed: run scripts/install_redis.sh (make test does)")
-        command = [executable, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+        command = [executable, *PERSISTENCE, "--bind", "127.0.0.1", "--dir", str(folder)]
         if tls:
             ensure_certificate(self.certificate, folder / "redis-key.pem")
             command += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.certificate),
@@ -62,14 +63,19 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
-    def stop(self) -> None:
-        self.process.terminate()
+    def stop(self, signal_number: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signal_number)
         self.process.wait(timeout=20)
 
     def restart(self) -> None:
-        """The same address again, empty (it kept nothing on disk)."""
-        self.stop()
+        """The same address again, with what it held (its append-only file)."""
+        if self.process.poll() is None:
+            self.stop()
         self.__init__(self.folder, self.password, self.port, self.tls)
+
+
+# DEPLOY.md's persistence settings, word for word (tests/test_distributed.py checks that it says them).
+PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "")
 
 
 class GpuWorker:

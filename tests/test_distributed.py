@@ -364,7 +364,6 @@ def test_a_web_process_started_before_redis_serves_and_trusts_nothing_it_reads_t
             assert answer.status_code == 500 and request_id in answer.json()["error"], answer.text
             broker.client().delete("sd:queued")  # the task nobody ran
         assert not planted.exists() and not (tmp_path / "output_images" / ".." / "planted.png").exists()
-        client = Client(web.url, API_KEY, verify=str(web.cert))
         # Records whose result is the TLS private key, or another file; one whose result claims to be a page.
         now = time.time()
         for crafted, result_file, result_type in (("key", "../ssl_cert/key.pem", "image/png"),
@@ -488,6 +487,40 @@ def test_redis_down_is_a_quick_503_and_the_service_recovers(cluster):
     assert again.status_code == 200, again.text
 
 
+def test_a_hung_redis_is_a_503_within_2_s_on_every_endpoint_and_the_service_recovers(cluster):
+    """Redis stopped with SIGSTOP for 10 s (a network partition looks the same): /health answers 200, every
+    other endpoint 503, each within 2 s; all serve again after SIGCONT."""
+    broker, _, web = cluster
+    client = Client(web.url, API_KEY, verify=str(web.cert))
+    job = client.submit(png_bytes(), "before the hang", steps=2)
+    wait_for(client, job["id"], "succeeded")
+    calls = [("GET", "/health"), ("GET", "/ready"), ("POST", "/generate"), ("POST", "/jobs"), ("POST", "/preprocess"),
+             ("GET", f"/jobs/{job['id']}"), ("GET", f"/jobs/{job['id']}/result"), ("GET", f"/jobs/{job['id']}/events"),
+             ("DELETE", f"/jobs/{job['id']}"), ("GET", "/info"), ("GET", "/models"), ("GET", "/metrics")]
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        hung_until, answers = time.monotonic() + 10, []
+        while time.monotonic() < hung_until:
+            for method, path in calls:
+                upload = {"files": {"image": ("p.png", png_bytes())}, "data": {"prompt": "p"}}
+                upload = upload if method == "POST" else {}
+                started = time.monotonic()
+                answer = requests.request(method, f"{web.url}{path}", headers={"x-api-key": API_KEY},
+                                          verify=str(web.cert), timeout=10, **upload)
+                answers.append((method, path, answer.status_code, round(time.monotonic() - started, 2)))
+        slow = [answer for answer in answers if answer[3] >= 2]
+        wrong = [answer for answer in answers if answer[2] != (200 if answer[1] == "/health" else 503)]
+        assert not slow and not wrong, (slow, wrong)
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while ready(web).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert post(web, seed="8", steps="2").status_code == 200
+    assert client.status(job["id"])["status"] == "succeeded"
+
+
 class Pair:
     """Two GPU workers for the tests that stop one, behind their own Redis and web tier. Tasks held longer
     than 5 s go back to the queue, so a killed worker's task is handed out again within seconds."""
@@ -556,3 +589,34 @@ def test_sigterm_on_a_gpu_worker_finishes_its_batch_first(pair):
     assert wait_for(client, job["id"], "succeeded", "failed")["status"] == "succeeded"
     assert leaving.process.wait(timeout=60) == 0
     assert f"request {job['id']}: done" in leaving.output()
+
+
+def test_a_redis_restart_while_both_gpu_workers_are_busy_loses_nothing(pair):
+    """Redis shut down (SHUTDOWN SAVE), then killed (SIGKILL), each time while both workers run a job, and
+    started again 5 s later from its append-only file: each job finishes once, both workers come back to
+    /ready by themselves, and the next requests succeed."""
+    web = pair.web
+    client = Client(web.url, API_KEY, verify=str(web.cert))
+    for stop in (lambda: pair.broker.client().shutdown(save=True), lambda: pair.broker.stop(signal.SIGKILL)):
+        workers = pair.both_alive()
+        jobs = [client.submit(png_bytes(), "busy", steps=30, resolution=128, seed=seed) for seed in (1, 2)]
+        assert {pair.running(client, job["id"]) for job in jobs} == set(workers), "one job on each worker"
+        try:
+            stop()
+        except redis.ConnectionError:
+            pass  # SHUTDOWN closes the connection that asked for it
+        pair.broker.process.wait(timeout=20)
+        time.sleep(5)
+        pair.broker.restart()
+        for job in jobs:
+            assert wait_for(client, job["id"], "succeeded", "failed", timeout=120)["status"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while (body := ready(web).json()).get("gpu_workers") != 2:
+            assert time.monotonic() < deadline, (body, [worker.output()[-3000:] for worker in workers])
+            time.sleep(0.5)
+        assert all(worker.process.poll() is None for worker in workers)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda seed: post(web, seed=str(seed), steps="2"), range(8)))
+        assert [answer.status_code for answer in answers] == [200] * 8, [answer.text for answer in answers]
+        logs = "".join(worker.output() for worker in workers)
+        assert [logs.count(f"request {job['id']}: done") for job in jobs] == [1, 1], "each job ran once"

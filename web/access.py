@@ -97,9 +97,10 @@ def init_rate_limit(app: Flask, settings: Settings, backend: Backend) -> None:
             not is_rate_limited(app, request.endpoint) or request.method == "OPTIONS"
         ),
         # Shared by every web process in celery mode, so N processes do not let N times the limit through;
-        # while Redis is away (or hangs: short timeouts), each process counts alone rather than failing requests.
+        # while Redis is away each process counts alone rather than failing requests. A hung Redis costs the
+        # first request its two calls here, then the service's one: all three within WEB_TIMEOUT_S * 2.
         storage_uri=backend.limiter_storage_uri,
-        storage_options={"socket_timeout": WEB_TIMEOUT_S, "socket_connect_timeout": WEB_TIMEOUT_S}
+        storage_options={"socket_timeout": WEB_TIMEOUT_S / 2, "socket_connect_timeout": WEB_TIMEOUT_S / 2}
         if backend.shared else {},
         in_memory_fallback_enabled=backend.shared,
         strategy="moving-window",

@@ -6,7 +6,9 @@ import logging
 import ssl
 from urllib.parse import parse_qs, urlsplit
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from service.settings import Settings
 
@@ -15,9 +17,29 @@ GENERATE_TASK = "generation.generate"
 QUEUE = "generation"
 
 
+class _Channel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        # When Redis goes away, Celery closes the connection and then its channel, which tries to put the
+        # unacknowledged tasks back into the queue through the connection just closed: kombu then fails
+        # with AttributeError ("'NoneType' object has no attribute 'hostname'", as in celery/kombu#970), which
+        # Celery takes for an unrecoverable error, and the GPU worker exits for good. Said as the lost
+        # connection it is, Celery reconnects; the tasks stay in Redis's unacknowledged set (kept by its
+        # append-only file) and come back after the visibility timeout.
+        if self.connection.client is None:
+            raise redis.ConnectionError("the connection to Redis is closed")
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport (redis:// and rediss://), with a closed connection said as such."""
+
+    Channel = _Channel
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("stable_diffusion_api", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
+        broker_transport=f"{__name__}:RedisTransport",
         # JSON only: a pickle from the broker would run code in the GPU worker.
         task_serializer="json",
         accept_content=["json"],

@@ -16,7 +16,7 @@ from functools import partial
 import redis
 
 from service.distributed import wire
-from service.distributed.ledger import Ledger
+from service.distributed.ledger import HEARTBEAT_TTL_S, Ledger
 from service.errors import GenerationCanceled, GenerationFailed, InvalidField, QueueUnreachable, ServiceError
 from service.fields import generate_fields_model, parse_fields
 from service.interface import Generated, RenderedOutput, ServiceState, process_name
@@ -47,9 +47,11 @@ class GpuRunner:
         self._fields = generate_fields_model(settings)
         self.name = process_name()
         self._stopped = threading.Event()
-        # Requests this process runs; the heartbeat renews their claims.
+        # Requests this process runs (its heartbeat says how many).
         self._running: set[str] = set()
         self._images = 0
+        # The copy of each request that waits for its claim; a newer copy sets the older one's event.
+        self._copies: dict[str, threading.Event] = {}
         worker.observe(self._generated)
         self._heart = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
         self._heart.start()
@@ -136,15 +138,43 @@ class GpuRunner:
             ))
 
     def _claim(self, request_id: str) -> bool:
-        """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, or its worker
-        died. Run it only when no live worker holds it: wait while one does; drop it once it finished."""
-        while not self._persist(partial(self.ledger.claim, request_id, self.name)):
+        """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, its worker died, or
+        Redis restarted. Run it only when no live worker holds it: wait while one does (its heartbeat beats);
+        take it over from one whose heartbeat stayed away for HEARTBEAT_TTL_S; drop it once it finished."""
+        # Each copy that comes back holds a Celery thread while it waits: only the newest waits (the older
+        # ones' deliveries went back to the queue when it was handed out, so they have nothing to keep).
+        newest, older = threading.Event(), self._copies.get(request_id)
+        self._copies[request_id] = newest
+        if older is not None:
+            older.set()
+        try:
+            if not self._wait_for_claim(request_id, newest):
+                return False
+        finally:
+            if self._copies.get(request_id) is newest:
+                del self._copies[request_id]
+        self._running.add(request_id)
+        return True
+
+    def _wait_for_claim(self, request_id: str, newest: threading.Event) -> bool:
+        gone_since: float | None = None
+        while not newest.is_set():
             if self._persist(partial(self.ledger.finished, request_id)):
                 log.info("request %s: already finished by another worker", request_id)
                 return False
-            time.sleep(1)
-        self._running.add(request_id)
-        return True
+            holder = self._persist(partial(self.ledger.claim, request_id, self.name))
+            if holder is None:
+                return True
+            if holder == self.name or self._persist(partial(self.ledger.alive, holder)):
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since >= HEARTBEAT_TTL_S:
+                if self._persist(partial(self.ledger.take_over, request_id, holder, self.name)):
+                    log.info("request %s: taken over from %s, whose heartbeat stopped", request_id, holder)
+                    return True
+            newest.wait(1)
+        return False
 
     def stop(self, timeout: float | None = None) -> None:
         self._stopped.set()
@@ -189,7 +219,6 @@ class GpuRunner:
                     "name": self.name, "state": state, "device": self.device, "about": about,
                     "running": len(self._running), "images": self._images,
                 })
-                self.ledger.renew(list(self._running))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("the heartbeat could not reach Redis (%s); retrying", exc)
             self._stopped.wait(HEARTBEAT_S)

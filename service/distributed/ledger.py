@@ -23,7 +23,8 @@ QUEUED = PREFIX + "queued"
 AVERAGE_SECONDS = PREFIX + "average-seconds"
 WORKERS = PREFIX + "gpu-worker:"
 log = logging.getLogger(__name__)
-# A GPU worker that has not renewed its heartbeat for this long counts as gone.
+# A GPU worker that has not renewed its heartbeat for this long counts as gone (for /ready, and before its
+# claims pass to another worker it must stay gone for as long again: a Redis restart drops a heartbeat too).
 HEARTBEAT_TTL_S = 10
 
 # KEYS: queued, the owner's set. ARGV: now, stale-before, queue size (0: do not queue), per-owner limit, id, ttl.
@@ -40,6 +41,15 @@ end
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 return {0, queued}
+"""
+
+
+# KEYS: the claim. ARGV: the dead holder, the new one, ttl.
+_TAKE_OVER = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
 """
 
 
@@ -81,6 +91,7 @@ class Ledger:
         self.redis = client
         self.queue_size, self.max_per_owner, self.horizon_s = queue_size, max_per_owner, horizon_s
         self._reserve = client.register_script(_RESERVE)
+        self._take_over = client.register_script(_TAKE_OVER)
 
     def check(self, owner: str) -> None:
         """Raise now what `reserve` would (without reserving)."""
@@ -125,21 +136,24 @@ class Ledger:
     def canceled(self, request_id: str) -> bool:
         return bool(self.redis.exists(cancel_key(request_id)))
 
-    def claim(self, request_id: str, worker: str) -> bool:
-        """Whether this worker may run the request: no live worker holds it (a claim lapses unless renewed
-        every HEARTBEAT_TTL_S) and it has not finished."""
-        if self.redis.exists(done_key(request_id)):
-            return False
-        return bool(self.redis.set(claim_key(request_id), worker, nx=True, ex=HEARTBEAT_TTL_S))
+    def claim(self, request_id: str, worker: str) -> str | None:
+        """None once `worker` holds the request (it is running it); else the worker that holds it (`worker`
+        itself for a copy of its own task that Redis handed out again). A claim lasts until the request
+        finishes, or another worker takes it over from a holder whose heartbeat stopped."""
+        key = claim_key(request_id)
+        if self.redis.set(key, worker, nx=True, ex=int(self.horizon_s)):
+            return None
+        return (self.redis.get(key) or b"").decode()
+
+    def take_over(self, request_id: str, holder: str, worker: str) -> bool:
+        """The claim of a dead `holder` passes to `worker`; False when someone else took it first."""
+        return bool(self._take_over(keys=[claim_key(request_id)], args=[holder, worker, int(self.horizon_s)]))
+
+    def alive(self, worker: str) -> bool:
+        return bool(self.redis.exists(WORKERS + worker))
 
     def finished(self, request_id: str) -> bool:
         return bool(self.redis.exists(done_key(request_id)))
-
-    def renew(self, request_ids: list[str]) -> None:
-        pipe = self.redis.pipeline()
-        for request_id in request_ids:
-            pipe.expire(claim_key(request_id), HEARTBEAT_TTL_S)
-        pipe.execute()
 
     def finish(self, request_id: str) -> None:
         pipe = self.redis.pipeline()
