@@ -1,7 +1,7 @@
 """A client for the API: a small Python class for scripts, and a command line on top of it.
 
-    python -m stable_diffusion.client generate photo.png "a lighthouse at dusk" -o out.png --insecure
-    sd-client generate photo.png "a lighthouse at dusk" -o out.png --insecure    # after `pip install .`
+    python -m stable_diffusion.client generate examples/lighthouse.png "a lighthouse at dusk" -o out.png --insecure
+    sd-client generate examples/lighthouse.png "a lighthouse at dusk" -o out.png --insecure  # after `pip install .`
 
 It submits a job, follows its event stream with a progress bar, and saves the result. The server's
 address and key come from --url/--key, or SD_API_URL and SD_API_KEY (or API_KEY, the server's name for it).
