@@ -1,7 +1,7 @@
 """Writes model files in the layouts AUTOMATIC1111 and ComfyUI users keep them in, from diffusers models.
 
 A checkpoint is one `.safetensors` file in the original (CompVis/LDM) layout; a ControlNet is in lllyasviel's
-layout; a LoRA is in kohya's (written by stable_diffusion/demo_lora.py). The renaming is worked out from each
+layout; a LoRA is in kohya's (written by stable_diffusion/kohya_lora.py). The renaming is worked out from each
 model's config (how many blocks, how many layers in each, which blocks attend), so it serves the tiny model and
 the full-size SD 1.5 alike.
 """
@@ -17,8 +17,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DC
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-# The LoRA writer is the product's own (python -m stable_diffusion.demo_lora); the tests use the same one.
-from stable_diffusion.demo_lora import seeded, write_kohya_lora
+# The LoRA writer is the product's own (the demo LoRA command uses it); the tests use the same one.
+from stable_diffusion.kohya_lora import seeded, write_kohya_lora
 from stable_diffusion.pipeline_initialization import TINY_MODEL_DIR
 
 __all__ = ["write_controlnet_checkpoint", "write_kohya_lora", "write_sd_checkpoint", "write_wrong_architecture_lora"]

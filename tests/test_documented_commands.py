@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ PYTHONS = {"python", "python3", ".venv/bin/python"}
 CELERYS = {"celery", ".venv/bin/celery"}
 # Typed into the shell as written (against the test's server, in the copy of the repository's files).
 TYPED = {"cp", "echo", "printf", "export", "curl", "openssl"}
+# Run as written, in this process (torch is loaded here already): what writes a file the next lines use.
+RUN_HERE = {"stable_diffusion.demo_lora"}
 # Not run here, for the reason given; what can be checked of them is.
 NOT_RUN = {
     "make": "installs and serves; `make --dry-run` checks the target",
@@ -150,16 +153,13 @@ def sandbox(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def helped(sandbox) -> dict[tuple[str, ...], dict]:
-    """Every module and celery command named, run in one process: --help, or as written where it only writes a
-    file (the demo LoRA command: the README's next curl line sends that LoRA)."""
+    """The --help of every module and celery command named, run in one process."""
     runs = []
     for command in all_commands():
         if command.program in CELERYS:
             runs.append({"program": "celery", "argv": [*command.words[1:], "--help"]})
         elif command.program in PYTHONS and (named := module_and_arguments(command)):
             module, arguments = named
-            if module == "stable_diffusion.demo_lora" and command.block is not None:
-                runs.append({"program": "module", "argv": [module, *arguments]})
             if module not in STARTS_ON_HELP:
                 runs.append({"program": "module", "argv": help_argv(module, arguments)})
     unique = [json.loads(text) for text in dict.fromkeys(json.dumps(run) for run in runs)]
@@ -193,6 +193,18 @@ def test_every_script_make_target_and_file_named_exists():
     assert {"serve", "test", "bench"} <= targets
 
 
+def run_here(module: str, arguments: list[str], folder: Path) -> None:
+    """`python -m module arguments...` in `folder`, in this process."""
+    argv, cwd = sys.argv, Path.cwd()
+    try:
+        os.chdir(folder)
+        sys.argv = [module, *arguments]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+
+
 class Shell:
     """One shell, as a user types into it: each line runs in bash with the variables the lines before exported."""
 
@@ -211,13 +223,17 @@ class Shell:
 
 
 @pytest.fixture(scope="module")
-def typed_readme(sandbox, request):
-    """The README's shell lines that run here, typed in order into one shell; the server the curl lines reach
-    starts once the quick start has written .env, with its key and a LORA_DIR where the demo LoRA is written
-    (by `helped`, which runs while the server starts)."""
+def typed_readme(sandbox):
+    """The README's shell lines that run here, typed in order into one shell (the demo LoRA command run as
+    written, in this process); the server the curl lines reach starts once the quick start has written .env,
+    with its key and a LORA_DIR where the demo LoRA command writes."""
     shell, server, outputs, last_id = Shell(sandbox), None, [], None
     try:
         for command in block_commands("README.md"):
+            named = module_and_arguments(command) if command.program in PYTHONS else None
+            if named and named[0] in RUN_HERE:
+                run_here(*named, sandbox)
+                continue
             if command.program not in TYPED:
                 continue
             line = command.text
@@ -228,7 +244,6 @@ def typed_readme(sandbox, request):
                     # The test's own key too, which LiveServer waits with.
                     server = LiveServer(sandbox / "server", API_KEY=f"{key},{API_KEY}", RATE_LIMIT_PER_MINUTE="0",
                                         LORA_DIR=str(sandbox / "models" / "lora"))
-                    request.getfixturevalue("helped")
                     server.wait_until_healthy()
                 for url in SERVER_URLS:
                     line = line.replace(url, server.url)
