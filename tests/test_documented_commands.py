@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +200,10 @@ def run_here(module: str, arguments: list[str], folder: Path) -> None:
     try:
         os.chdir(folder)
         sys.argv = [module, *arguments]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():
+            # Another test imported it already: harmless here, the module only defines functions.
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         sys.argv = argv
         os.chdir(cwd)
