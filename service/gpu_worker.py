@@ -13,7 +13,7 @@ from functools import partial
 
 from celery import signals
 
-from service.distributed.celery_app import GENERATE_TASK, QUEUE, make_celery
+from service.distributed.celery_app import GENERATE_TASK, MENDED_TRANSPORT, QUEUE, make_celery
 from service.distributed.gpu_side import GpuRunner
 from service.distributed.ledger import Ledger
 from service.jobs.redis_store import RedisJobStore
@@ -48,8 +48,14 @@ def generate(message: dict) -> None:
     _runner.run(message)
 
 
+@signals.celeryd_init.connect
+def _worker_settings(conf=None, **_) -> None:
+    """Settings for the worker alone: it consumes through the mended Redis transport."""
+    conf.broker_transport = MENDED_TRANSPORT
+
+
 @signals.worker_init.connect
-def _load_model(**_) -> None:
+def _load_model(sender=None, **_) -> None:
     """The model loads on the GenerationWorker's own thread; tasks that arrive meanwhile wait for it."""
     global _runner
     worker = GenerationWorker(
@@ -63,7 +69,9 @@ def _load_model(**_) -> None:
     # Longer than a web process's timeout: an outcome may carry a large result.
     redis_client = connect(settings.redis_url, timeout_s=GPU_REDIS_TIMEOUT_S)
     ledger = Ledger(redis_client, settings.queue_size, settings.max_queued_per_key, horizon)
-    _runner = GpuRunner(worker, ledger, RedisJobStore(redis_client, settings.job_retention_s), settings)
+    # Named as Celery (and Flower) name this worker: celery@gpu-<host>-<pid>.
+    node = getattr(sender, "hostname", "") or ""
+    _runner = GpuRunner(worker, ledger, RedisJobStore(redis_client, settings.job_retention_s), settings, node)
 
 
 @signals.worker_shutdown.connect
@@ -74,7 +82,9 @@ def _finish(**_) -> None:
 
 
 def _stop(error: Exception) -> None:
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    """The model cannot load: one line per setting at fault, as the web server says it."""
+    for line in str(error).splitlines():
+        print(f"error: {line}", file=sys.stderr, flush=True)
     os._exit(4)
 
 

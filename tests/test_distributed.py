@@ -8,6 +8,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -39,7 +40,7 @@ from tests import rewrite_in_place
 from tests.conftest import API_KEY, SECOND_KEY, LiveServer, free_port, tiny_environment, tiny_settings
 from tests.images import png_bytes
 from tests.model_files import write_kohya_lora
-from tests.processes import GpuWorker, RedisServer
+from tests.processes import PERSISTENCE, GpuWorker, RedisServer
 
 CELERY = {"QUEUE_BACKEND": "celery", "WEB_WORKERS": "2"}
 REDIS_PASSWORD = "redis-secret-4f1c"
@@ -85,7 +86,8 @@ def cluster(tmp_path_factory):
         GpuWorker(folder, name, REDIS_URL=broker.url, BATCH_WAIT_MS="500", BATCH_SIZE="4", **CELERY | lora_dir)
         for name in ("gpu-1", "gpu-2")
     ]
-    web = LiveServer(folder, REDIS_URL=broker.url, **CELERY | lora_dir)
+    # The LoRA test's four clients send as fast as 400s come back: the cluster's tests are not about rate limits.
+    web = LiveServer(folder, REDIS_URL=broker.url, RATE_LIMIT_PER_MINUTE="6000", **CELERY | lora_dir)
     try:
         for worker in workers:
             worker.wait_until_ready(broker.client())
@@ -165,6 +167,13 @@ def test_rediss_without_verification_is_taken_but_warned_about(caplog):
     assert "certificate is not verified" in caplog.text and "pw" not in caplog.text
 
 
+def test_the_tests_run_redis_with_the_persistence_deploy_md_and_compose_yaml_give_it():
+    flags = " ".join(arg if arg else '""' for arg in PERSISTENCE)
+    assert f"redis-server {flags}" in (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    compose = (REPO_ROOT / "compose.yaml").read_text()
+    assert all(f'"{arg}"' in compose for arg in PERSISTENCE)
+
+
 def test_ready_counts_the_gpu_workers(cluster):
     _, _, web = cluster
     body = ready(web).json()
@@ -197,7 +206,9 @@ def test_web_processes_load_no_model_and_metrics_come_from_the_workers(cluster):
         assert "libtorch" not in Path(f"/proc/{process}/maps").read_text(), "a web process loaded torch"
     text = requests.get(f"{web.url}/metrics", headers={"x-api-key": API_KEY}, verify=str(web.cert), timeout=10).text
     assert 'gpu_workers{state="ready"} 2.0' in text and "queue_depth 0.0" in text
-    assert "gpu_worker_running{worker=" in text
+    for worker in workers:  # named as X-Worker says, and as Celery and Flower do
+        assert re.search(rf'gpu_worker_running{{node="celery@gpu-[^"]+-{worker.process.pid}",queue="generation",'
+                         rf'worker="{worker.process_name}"}}', text), text
     for output in (web.output(), *(worker.output() for worker in workers), (web.folder / "api.log").read_text()):
         assert REDIS_PASSWORD not in output
 
@@ -499,8 +510,11 @@ def test_a_hung_redis_is_a_503_within_2_s_on_every_endpoint_and_the_service_reco
              ("DELETE", f"/jobs/{job['id']}"), ("GET", "/info"), ("GET", "/models"), ("GET", "/metrics")]
     broker.process.send_signal(signal.SIGSTOP)
     try:
-        hung_until, answers = time.monotonic() + 10, []
-        while time.monotonic() < hung_until:
+        answers = []
+        # Two rounds, 5 s apart (each meets Redis hung anew: a process stops refusing at once after a second);
+        # no more, so that the key stays within its rate limit for the tests after this one.
+        for _ in range(2):
+            round_until = time.monotonic() + 5
             for method, path in calls:
                 upload = {"files": {"image": ("p.png", png_bytes())}, "data": {"prompt": "p"}}
                 upload = upload if method == "POST" else {}
@@ -508,6 +522,7 @@ def test_a_hung_redis_is_a_503_within_2_s_on_every_endpoint_and_the_service_reco
                 answer = requests.request(method, f"{web.url}{path}", headers={"x-api-key": API_KEY},
                                           verify=str(web.cert), timeout=10, **upload)
                 answers.append((method, path, answer.status_code, round(time.monotonic() - started, 2)))
+            time.sleep(max(0.0, round_until - time.monotonic()))
         slow = [answer for answer in answers if answer[3] >= 2]
         wrong = [answer for answer in answers if answer[2] != (200 if answer[1] == "/health" else 503)]
         assert not slow and not wrong, (slow, wrong)

@@ -455,7 +455,7 @@ def test_without_a_lora_folder_naming_a_lora_is_a_clear_400(tmp_path):
 def test_a_lora_set_travels_to_a_gpu_worker_intact():
     """QUEUE_BACKEND=celery: the task's JSON gives back a request that batches like the one sent."""
     request = GenerationRequest("r", (Image.new("RGB", (64, 64)),), "p", loras=(("ink", 0.8), ("paper", -1.0)))
-    sent = wire.request_message(request, DecodedImage("PNG", (), (), 0), "owner", new_file_stem(), events=False)
+    sent = wire.request_message(request, DecodedImage("PNG", (), (), 0), "owner", new_file_stem(), job=False)
     message = json.loads(json.dumps(sent))
     received, *_ = wire.read_request(message, max_frames=1)
     assert received.loras == request.loras and hash(received.loras) == hash(request.loras)

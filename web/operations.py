@@ -217,12 +217,15 @@ class _GpuWorkersCollector:
 
     def collect(self):
         states = GaugeMetricFamily("gpu_workers", "GPU workers connected, by state", labels=["state"])
-        running = GaugeMetricFamily("gpu_worker_running", "Requests a GPU worker runs now", labels=["worker"])
-        images = CounterMetricFamily("gpu_worker_images", "Images a GPU worker generated", labels=["worker"])
+        # worker: host:pid, as X-Worker says; node and queue: Celery's names, as Flower shows them.
+        labels = ["worker", "node", "queue"]
+        running = GaugeMetricFamily("gpu_worker_running", "Requests a GPU worker runs now", labels=labels)
+        images = CounterMetricFamily("gpu_worker_images", "Images a GPU worker generated", labels=labels)
         workers = self.service.gpu_workers() or []
         for state in ServiceState:
             states.add_metric([state], sum(worker["state"] == state for worker in workers))
         for worker in workers:
-            running.add_metric([worker["name"]], worker.get("running", 0))
-            images.add_metric([worker["name"]], worker.get("images", 0))
+            names = [worker["name"], worker["node"], worker["queue"]]
+            running.add_metric(names, worker["running"])
+            images.add_metric(names, worker["images"])
         yield from (states, running, images)

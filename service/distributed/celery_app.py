@@ -31,15 +31,19 @@ class _Channel(kombu_redis.Channel):
 
 
 class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport (redis:// and rediss://), with a closed connection said as such."""
+    """kombu's Redis transport (redis:// and rediss://), with a closed connection said as such. GPU workers
+    consume with it (service/gpu_worker.py); Flower, on the same app, names the broker by its URL's scheme
+    and keeps kombu's own."""
 
     Channel = _Channel
+
+
+MENDED_TRANSPORT = f"{__name__}:{RedisTransport.__name__}"
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("stable_diffusion_api", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
-        broker_transport=f"{__name__}:RedisTransport",
         # JSON only: a pickle from the broker would run code in the GPU worker.
         task_serializer="json",
         accept_content=["json"],

@@ -16,6 +16,7 @@ from functools import partial
 import redis
 
 from service.distributed import wire
+from service.distributed.celery_app import QUEUE
 from service.distributed.ledger import HEARTBEAT_TTL_S, Ledger
 from service.errors import GenerationCanceled, GenerationFailed, InvalidField, QueueUnreachable, ServiceError
 from service.fields import generate_fields_model, parse_fields
@@ -40,8 +41,11 @@ OUTCOME_PATIENCE_S = 300
 
 
 class GpuRunner:
-    def __init__(self, worker: GenerationWorker, ledger: Ledger, jobs: RedisJobStore, settings: Settings) -> None:
-        self.worker, self.ledger, self.jobs, self.device = worker, ledger, jobs, settings.device
+    def __init__(
+        self, worker: GenerationWorker, ledger: Ledger, jobs: RedisJobStore, settings: Settings, node: str = ""
+    ) -> None:
+        """`node`: Celery's name for this worker."""
+        self.worker, self.ledger, self.jobs, self.device, self.node = worker, ledger, jobs, settings.device, node
         self._settings = settings
         # The limits the web tier applies: a task read from Redis is checked against them again.
         self._fields = generate_fields_model(settings)
@@ -216,7 +220,8 @@ class GpuRunner:
                 about = self.worker.generator.describe()
             try:
                 self.ledger.beat(self.name, {
-                    "name": self.name, "state": state, "device": self.device, "about": about,
+                    "name": self.name, "node": self.node, "queue": QUEUE, "state": state, "device": self.device,
+                    "about": about,
                     "running": len(self._running), "images": self._images,
                 })
             except (redis.ConnectionError, redis.TimeoutError) as exc:

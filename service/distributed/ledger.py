@@ -77,6 +77,9 @@ class Heartbeat(BaseModel):
     """What a GPU worker says of itself every few seconds."""
 
     name: Annotated[str, StringConstraints(max_length=300)]
+    # Celery's names: the worker's node (as Flower lists it) and the queue it takes tasks from.
+    node: Annotated[str, StringConstraints(max_length=300)] = ""
+    queue: Annotated[str, StringConstraints(max_length=100)] = ""
     state: ServiceState
     device: Annotated[str, StringConstraints(max_length=100)]
     # Its generator's describe(): /info answers it, and validates it there.
