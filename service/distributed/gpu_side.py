@@ -17,7 +17,7 @@ import redis
 
 from service.distributed import wire
 from service.distributed.celery_app import QUEUE
-from service.distributed.ledger import HEARTBEAT_TTL_S, Ledger
+from service.distributed.ledger import Ledger
 from service.errors import GenerationCanceled, GenerationFailed, InvalidField, QueueUnreachable, ServiceError
 from service.fields import generate_fields_model, parse_fields
 from service.interface import Generated, RenderedOutput, ServiceState, process_name
@@ -31,6 +31,9 @@ from stable_diffusion.recipe import GenerationEvent, GenerationRequest, Generati
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 3
+# A claim passes to another worker once its holder's heartbeat has not changed (or been there) for this long: a
+# live holder beats every HEARTBEAT_S, and again within HEARTBEAT_S of a Redis restart.
+TAKE_OVER_AFTER_S = 2 * HEARTBEAT_S
 # A task's fields that the web tier's limits bound (the LoRAs too, checked apart).
 CHECKED_FIELDS = (
     "prompt", "negative_prompt", "sensitivity", "seed", "steps", "guidance_scale", "control_start", "control_end",
@@ -144,7 +147,7 @@ class GpuRunner:
     def _claim(self, request_id: str) -> bool:
         """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, its worker died, or
         Redis restarted. Run it only when no live worker holds it: wait while one does (its heartbeat beats);
-        take it over from one whose heartbeat stayed away for HEARTBEAT_TTL_S; drop it once it finished."""
+        take it over from one whose heartbeat stood still for TAKE_OVER_AFTER_S; drop it once it finished."""
         # Each copy that comes back holds a Celery thread while it waits: only the newest waits (the older
         # ones' deliveries went back to the queue when it was handed out, so they have nothing to keep).
         newest, older = threading.Event(), self._copies.get(request_id)
@@ -161,7 +164,8 @@ class GpuRunner:
         return True
 
     def _wait_for_claim(self, request_id: str, newest: threading.Event) -> bool:
-        gone_since: float | None = None
+        # The holder's heartbeat as last seen, and since when it has not changed.
+        seen: tuple[bytes | None, float] | None = None
         while not newest.is_set():
             if self._persist(partial(self.ledger.finished, request_id)):
                 log.info("request %s: already finished by another worker", request_id)
@@ -169,11 +173,10 @@ class GpuRunner:
             holder = self._persist(partial(self.ledger.claim, request_id, self.name))
             if holder is None:
                 return True
-            if holder == self.name or self._persist(partial(self.ledger.alive, holder)):
-                gone_since = None
-            elif gone_since is None:
-                gone_since = time.monotonic()
-            elif time.monotonic() - gone_since >= HEARTBEAT_TTL_S:
+            beat = None if holder == self.name else self._persist(partial(self.ledger.heartbeat, holder))
+            if holder == self.name or seen is None or beat != seen[0]:
+                seen = (beat, time.monotonic())
+            elif time.monotonic() - seen[1] >= TAKE_OVER_AFTER_S:
                 if self._persist(partial(self.ledger.take_over, request_id, holder, self.name)):
                     log.info("request %s: taken over from %s, whose heartbeat stopped", request_id, holder)
                     return True
@@ -221,7 +224,7 @@ class GpuRunner:
             try:
                 self.ledger.beat(self.name, {
                     "name": self.name, "node": self.node, "queue": QUEUE, "state": state, "device": self.device,
-                    "about": about,
+                    "about": about, "beat": time.time_ns(),
                     "running": len(self._running), "images": self._images,
                 })
             except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -23,8 +23,7 @@ QUEUED = PREFIX + "queued"
 AVERAGE_SECONDS = PREFIX + "average-seconds"
 WORKERS = PREFIX + "gpu-worker:"
 log = logging.getLogger(__name__)
-# A GPU worker that has not renewed its heartbeat for this long counts as gone (for /ready, and before its
-# claims pass to another worker it must stay gone for as long again: a Redis restart drops a heartbeat too).
+# A GPU worker that has not renewed its heartbeat for this long counts as gone.
 HEARTBEAT_TTL_S = 10
 
 # KEYS: queued, the owner's set. ARGV: now, stale-before, queue size (0: do not queue), per-owner limit, id, ttl.
@@ -86,6 +85,8 @@ class Heartbeat(BaseModel):
     about: dict
     running: int = Field(ge=0)
     images: int = Field(ge=0)
+    # When it beat (its own clock): each beat differs from the last.
+    beat: int = 0
 
 
 class Ledger:
@@ -152,8 +153,9 @@ class Ledger:
         """The claim of a dead `holder` passes to `worker`; False when someone else took it first."""
         return bool(self._take_over(keys=[claim_key(request_id)], args=[holder, worker, int(self.horizon_s)]))
 
-    def alive(self, worker: str) -> bool:
-        return bool(self.redis.exists(WORKERS + worker))
+    def heartbeat(self, worker: str) -> bytes | None:
+        """The worker's last heartbeat as it lies in Redis (each beat differs), None once it expired."""
+        return self.redis.get(WORKERS + worker)
 
     def finished(self, request_id: str) -> bool:
         return bool(self.redis.exists(done_key(request_id)))
