@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from stable_diffusion.errors import GenerationTimeout
+from stable_diffusion.errors import GenerationTimeout, ServiceError
 
 if TYPE_CHECKING:
     from service.jobs.recording import JobRecorder
@@ -99,7 +99,10 @@ class Submission:
         try:
             return self.future.result(timeout=timeout_s)
         except FutureTimeout:
-            self.cancel()
+            try:
+                self.cancel()
+            except ServiceError:  # the queue out of reach: the timeout is still what the caller hears
+                pass
             raise GenerationTimeout(
                 f"Generation did not finish within {timeout_s:g} s (GENERATION_TIMEOUT_S); retry later or with "
                 "fewer steps."

@@ -33,7 +33,7 @@ from service.redis_connection import OPEN_S, connect
 from service.settings import REPO_ROOT
 from service.storage import new_file_stem
 from stable_diffusion.client import Client
-from stable_diffusion.image_processing import DecodedImage
+from stable_diffusion.image_processing import DecodedImage, encode_png
 from stable_diffusion.pipeline_initialization import build_tiny_pipeline
 from stable_diffusion.recipe import GenerationRequest
 from tests import rewrite_in_place
@@ -318,17 +318,32 @@ def test_a_task_crafted_in_redis_is_refused_by_the_gpu_worker(cluster, tmp_path)
         wire.request_message(replace(request, control_images=(Image.new("RGB", (4096, 4096)),)),
                              DecodedImage("PNG", (), (), 0), "someone", new_file_stem(), False)["request"][
             "control_images"][0]]}}
-    for message in (escaping, too_long, too_large):
+    # A PNG whose chunk is broken (PIL says SyntaxError), and a job's task with a LoRA weight that is no number:
+    # the job's record ends failed, saying why, instead of staying queued for ever.
+    broken_png = bytearray(encode_png(Image.new("RGB", (64, 64), "white")))
+    broken_png[36] = 0
+    broken = honest | {"request": honest["request"] | {
+        "request_id": "0" * 31 + "d", "control_images": [base64.b64encode(bytes(broken_png)).decode()]}}
+    store = RedisJobStore(connect(broker.url), retention_s=60)
+    store.add(Job(id="0" * 31 + "e", owner="someone", status=JobStatus.QUEUED, step=0, total=0, seed=1,
+                  created_at=time.time()))
+    bad_weight = honest | {"job": True, "request": honest["request"] | {
+        "request_id": "0" * 31 + "e", "loras": [["ink", "x"]]}}
+    for message in (escaping, too_long, too_large, broken, bad_weight):
         celery.send_task(GENERATE_TASK, args=[message], queue=QUEUE)
     deadline = time.monotonic() + 30
-    while sum(worker.output().count("refused a task") for worker in workers) < 3:
+    while sum(worker.output().count("refused a task") for worker in workers) < 5:
         assert time.monotonic() < deadline, [worker.output()[-2000:] for worker in workers]
         time.sleep(0.2)
     logs = "".join(worker.output() for worker in workers)
     assert "steps: Input should be less than or equal to 100" in logs
     assert "edge maps must share one size, each side a multiple of 8 up to 1024" in logs
+    assert "an image that is no PNG" in logs
     assert not list(web.folder.parent.rglob("escaped*")) and not list(Path(REPO_ROOT).rglob("escaped*"))
     assert "request 0000000000000000000000000000000b: done" not in logs
+    refused = store.get("0" * 31 + "e")
+    assert refused.status == JobStatus.FAILED and "GPU worker refused" in refused.error, refused
+    store.close()
     assert post(web, steps="2").status_code == 200
 
 

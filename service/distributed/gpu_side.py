@@ -26,6 +26,7 @@ from service.jobs.redis_store import RedisJobStore
 from service.rendering import format_loras, render_output
 from service.settings import Settings
 from service.worker import GenerationWorker
+from stable_diffusion.errors import first_line
 from stable_diffusion.image_processing import DecodedImage
 from stable_diffusion.recipe import GenerationEvent, GenerationRequest, GenerationResult
 
@@ -57,6 +58,8 @@ class GpuRunner:
         # Requests this process runs (its heartbeat says how many).
         self._running: set[str] = set()
         self._images = 0
+        # When a call to Redis last failed (its restarts and hangs stop the clocks claims are taken over by).
+        self._redis_failed_at = 0.0
         # The copy of each request that waits for its claim; a newer copy sets the older one's event.
         self._copies: dict[str, threading.Event] = {}
         worker.observe(self._generated)
@@ -68,14 +71,14 @@ class GpuRunner:
         try:
             request, upload, owner, stem, job = wire.read_request(message, self._settings.max_gif_frames)
             self._check(request)
-        except (wire.UntrustedMessage, InvalidField) as refusal:
+        except Exception as refusal:  # anything a task can hold: whatever fails, it is refused, never run
             self._refuse(message, refusal)
             return
         request_id = request.request_id
         recorder = JobRecorder(self.jobs, request_id) if job else None
         if self._persist(partial(self.ledger.canceled, request_id)):
             log.info("request %s: canceled before it ran", request_id)
-            self._conclude(request_id, recorder, _failed_future(GenerationCanceled(CANCELED_QUEUED)))
+            self._conclude(request_id, recorder, _failed_future(GenerationCanceled(CANCELED_QUEUED)), owner)
             return
         if not self._claim(request_id):
             return
@@ -89,14 +92,29 @@ class GpuRunner:
             future = _failed_future(error)
         finally:
             self._running.discard(request_id)
-        self._conclude(request_id, recorder, future)
-        self._persist(partial(self.ledger.release, owner, request_id))
+        self._conclude(request_id, recorder, future, owner)
 
-    def _conclude(self, request_id: str, recorder: JobRecorder | None, future: Future) -> None:
+    def _conclude(self, request_id: str, recorder: JobRecorder | None, future: Future, owner: str | None) -> None:
         """Record a job's outcome, or answer a /generate request; then mark the request finished (a copy of its
-        task that Redis hands out again is dropped)."""
+        task that Redis hands out again is dropped) and give its place in the queue and its key's count back."""
         error = future.exception()
         log.info("request %s: %s", request_id, "done" if error is None else f"failed ({type(error).__name__})")
+        try:
+            try:
+                self._answer(request_id, recorder, future)
+            except Exception:  # Redis refusing the write (out of memory, read-only...): say it failed, if it can
+                log.exception("request %s: its outcome could not be recorded", request_id)
+                self._answer(request_id, recorder, _failed_future(GenerationFailed(
+                    f"Generation finished, but its outcome could not be stored; the GPU worker logged the details "
+                    f"under request id {request_id}."
+                )))
+        finally:
+            self._persist(partial(self.ledger.finish, request_id))
+            if owner is not None:
+                self._persist(partial(self.ledger.release, owner, request_id))
+
+    def _answer(self, request_id: str, recorder: JobRecorder | None, future: Future) -> None:
+        error = future.exception()
         if recorder is not None:
             self._persist(partial(recorder.finished, future))
         elif error is None:
@@ -107,18 +125,18 @@ class GpuRunner:
                     f"Generation failed; the GPU worker logged the details under request id {request_id}."
                 )
             self._persist(partial(self.ledger.reply, request_id, wire.failed(error)))
-        self._persist(partial(self.ledger.finish, request_id))
 
     def _persist(self, write: Callable[[], object]) -> object:
-        """`write` to Redis, again and again while Redis restarts, for up to OUTCOME_PATIENCE_S."""
+        """`write` to Redis, again and again while Redis restarts, for up to OUTCOME_PATIENCE_S (then its error)."""
         deadline = time.monotonic() + OUTCOME_PATIENCE_S
         while True:
             try:
                 return write()
-            except (redis.ConnectionError, redis.TimeoutError, QueueUnreachable) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, QueueUnreachable):
+                self._redis_failed_at = time.monotonic()
                 if time.monotonic() > deadline:
-                    log.error("Redis stayed out of reach for %d s; gave up: %s", OUTCOME_PATIENCE_S, exc)
-                    return None
+                    log.error("Redis stayed out of reach for %d s; gave up", OUTCOME_PATIENCE_S)
+                    raise
                 time.sleep(1)
 
     def _check(self, request: GenerationRequest) -> None:
@@ -132,17 +150,17 @@ class GpuRunner:
 
     def _refuse(self, message: object, refusal: Exception) -> None:
         """Logged; the request's job or waiting web process hears why (a web host and a GPU host set up with
-        different limits land here too)."""
-        reason = refusal.message if isinstance(refusal, InvalidField) else str(refusal)
-        request = message.get("request") if isinstance(message, dict) else None
+        different limits land here too), and its place in the queue and its key's count are given back."""
+        reason = refusal.message if isinstance(refusal, ServiceError) else first_line(refusal)
+        envelope = message if isinstance(message, dict) else {}
+        request = envelope.get("request")
         request_id = request.get("request_id") if isinstance(request, dict) else None
         log.warning("refused a task (request %.64r): %s", request_id, reason)
         if isinstance(request_id, str) and 0 < len(request_id) <= 200:
-            job = isinstance(message, dict) and message.get("job") is True
-            recorder = JobRecorder(self.jobs, request_id) if job else None
-            self._conclude(request_id, recorder, _failed_future(
-                InvalidField(f"The GPU worker refused the request: {reason}")
-            ))
+            recorder = JobRecorder(self.jobs, request_id) if envelope.get("job") is True else None
+            owner = envelope.get("owner")
+            refused = InvalidField(f"The GPU worker refused the request: {reason}")
+            self._conclude(request_id, recorder, _failed_future(refused), owner if isinstance(owner, str) else None)
 
     def _claim(self, request_id: str) -> bool:
         """Redis hands a task out again when it ran longer than TASK_VISIBILITY_TIMEOUT_S, its worker died, or
@@ -174,7 +192,8 @@ class GpuRunner:
             if holder is None:
                 return True
             beat = None if holder == self.name else self._persist(partial(self.ledger.heartbeat, holder))
-            if holder == self.name or seen is None or beat != seen[0]:
+            # Not seen changing since Redis was last out of reach says nothing: the holder may not have beaten yet.
+            if holder == self.name or seen is None or beat != seen[0] or seen[1] <= self._redis_failed_at:
                 seen = (beat, time.monotonic())
             elif time.monotonic() - seen[1] >= TAKE_OVER_AFTER_S:
                 if self._persist(partial(self.ledger.take_over, request_id, holder, self.name)):
@@ -229,6 +248,8 @@ class GpuRunner:
                 })
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("the heartbeat could not reach Redis (%s); retrying", exc)
+            except Exception:  # Redis refusing writes (out of memory...): the heartbeat must go on regardless
+                log.exception("the heartbeat failed; retrying")
             self._stopped.wait(HEARTBEAT_S)
 
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import redis
+from kombu.exceptions import KombuError
 from pydantic import BaseModel
 
 from service import errors
@@ -24,7 +25,7 @@ from service.distributed.ledger import Ledger
 from service.interface import Generated, GenerationService, ResultObserver, ServiceState, Submission
 from service.jobs.recording import JobRecorder
 from service.local import upload_desk
-from service.redis_connection import connect, reachable
+from service.redis_connection import WEB_TIMEOUT_S, connect, reachable
 from service.settings import Settings
 from service.storage import UntrustedName, stored_file, write_atomically
 from service.uploads import Prepared
@@ -46,6 +47,10 @@ class CeleryGenerationService(GenerationService):
         # Blocking reads need a socket timeout longer than the read.
         self._answers = connect(settings.redis_url, timeout_s=POLL_S + 5)
         self._celery = make_celery(settings)
+        # Publishing gives up as the other calls to Redis do (kombu waits for ever by default).
+        self._celery.conf.broker_transport_options |= {
+            "socket_timeout": WEB_TIMEOUT_S * 2, "socket_connect_timeout": WEB_TIMEOUT_S * 2,
+        }
         self._uploads = upload_desk(settings)
         self._output_dir = settings.output_dir
         self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,8 @@ class CeleryGenerationService(GenerationService):
             self._waiting.pop(request_id, None)
             raise
         threading.Thread(
-            target=self._await_answer, args=(future, request_id), name=f"answer-{request_id}", daemon=True
+            target=self._await_answer, args=(future, request_id, prepared.stem), name=f"answer-{request_id}",
+            daemon=True,
         ).start()
         request = prepared.request
         cancel = partial(self.cancel, request_id, owner)
@@ -113,7 +119,11 @@ class CeleryGenerationService(GenerationService):
 
     def submit_job(self, fields: BaseModel, upload: bytes, owner: str, recorder: JobRecorder) -> None:
         prepared = self._uploads.prepare(fields, upload, recorder.job_id)
-        recorder.taken(prepared.input_file)
+        try:
+            recorder.taken(prepared.input_file)
+        except errors.ServiceError:
+            self._uploads.discard(prepared)
+            raise
         # A job's task waits as long as it takes for a GPU worker.
         self._send(prepared, owner, job=True, expires=None)
 
@@ -128,7 +138,10 @@ class CeleryGenerationService(GenerationService):
         message = wire.request_message(prepared.request, prepared.upload, owner, prepared.stem, job)
         try:
             with reachable():
-                self._celery.send_task(GENERATE_TASK, args=[message], task_id=request_id, expires=expires)
+                try:
+                    self._celery.send_task(GENERATE_TASK, args=[message], task_id=request_id, expires=expires)
+                except (KombuError, OSError) as exc:  # kombu's own errors for a broker out of reach
+                    raise redis.ConnectionError(str(exc)) from exc
         except Exception:
             try:
                 self._ledger.release(owner, request_id)
@@ -166,7 +179,7 @@ class CeleryGenerationService(GenerationService):
         /generate client has had its answer by now)."""
         self._closing.set()
 
-    def _await_answer(self, future: Future, request_id: str) -> None:
+    def _await_answer(self, future: Future, request_id: str, stem: str) -> None:
         """Read the request's answer from Redis (one key, written by the GPU worker that ran it) into `future`."""
         try:
             while not future.done() and not self._closing.is_set():
@@ -177,18 +190,18 @@ class CeleryGenerationService(GenerationService):
                     time.sleep(POLL_S)
                     continue
                 if answer is not None:
-                    self._take(answer, future, request_id)
+                    self._take(answer, future, request_id, stem)
         except Exception:
             log.exception("request %s: waiting for its answer failed", request_id)
             _fail(future, request_id)
         finally:
             self._waiting.pop(request_id, None)
 
-    def _take(self, answer: object, future: Future, request_id: str) -> None:
+    def _take(self, answer: object, future: Future, request_id: str, stem: str) -> None:
         try:
             reply = wire.read_reply(answer)
             if isinstance(reply, wire.Done):
-                self._save(reply, future)
+                self._save(reply, future, stem)
                 return
             error_type = getattr(errors, reply.error, None)
             if not (isinstance(error_type, type) and issubclass(error_type, errors.ServiceError)):
@@ -198,12 +211,17 @@ class CeleryGenerationService(GenerationService):
             log.warning("request %s: refused an answer from Redis: %s", request_id, exc)
             _fail(future, request_id)
 
-    def _save(self, reply: wire.Done, future: Future) -> None:
-        """The output in OUTPUT_DIR under the name this service gave it, never over a file already there."""
+    def _save(self, reply: wire.Done, future: Future, stem: str) -> None:
+        """The output in OUTPUT_DIR under the name this process gave it (`stem`), never over a file already
+        there, and only while its client waits."""
         output = wire.read_output(reply)
         path = stored_file(self._output_dir, output.file_name)
+        if path.stem != stem:
+            raise UntrustedName(f"{output.file_name} is not the name given to this request ({stem}.*)")
         if path.exists():
             raise UntrustedName(f"{output.file_name} exists already")
+        if future.cancelled():
+            return
         try:
             write_atomically(path, output.data)
         except errors.ServiceError as error:

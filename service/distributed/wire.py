@@ -156,7 +156,7 @@ def _image(text: object) -> Image.Image:
                 f"an image of {image.width}x{image.height}, larger than {MAX_EDGE_MAP_SIDE} a side"
             )
         image.load()
-    except (binascii.Error, OSError, Image.DecompressionBombError) as exc:
+    except (binascii.Error, OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL: SyntaxError too
         raise UntrustedMessage(f"an image that is no PNG ({_first_line(exc)})") from None
     return image
 

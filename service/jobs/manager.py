@@ -71,7 +71,10 @@ class JobManager:
         except ServiceError:
             self.store.delete(job_id)
             raise
-        return self.store.get(job_id)
+        try:
+            return self.store.get(job_id) or job
+        except ServiceError:  # a shared store out of reach a moment after: the job is queued all the same
+            return job
 
     def get(self, job_id: str, owner: str) -> Job:
         job = self.store.get(job_id)
@@ -142,7 +145,11 @@ class JobManager:
                 news, seen = self._version != seen, self._version
             if self._closed.is_set():
                 return
-            latest = self.store.get(job_id) if news or self.store.shared else job
+            try:
+                latest = self.store.get(job_id) if news or self.store.shared else job
+                preview = self.store.get_preview(job_id)
+            except ServiceError:  # a shared store out of reach for a moment: the stream waits for it
+                latest, preview = job, None
             if latest is None:
                 return
             told = False
@@ -152,7 +159,6 @@ class JobManager:
             elif latest.step != job.step:
                 told = True
                 yield JobEvent("progress", latest)
-            preview = self.store.get_preview(job_id)
             if preview and preview != sent_preview and not latest.finished:
                 sent_preview, told = preview, True
                 yield JobEvent("preview", latest, sent_preview)
