@@ -38,14 +38,6 @@ class StaggeredStarts:
         self._done = 0
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def started(self, run_step: int) -> list[bool]:
-        """Which samples are denoising at this step of the run (counted from the earliest start)."""
-        active = [False] * sum(len(positions) for positions in self._groups.values())
-        for start, positions in self._groups.items():
-            for position in positions:
-                active[position] = self._first + run_step >= start
-        return active
-
     @property
     def timesteps(self) -> torch.Tensor:
         return self._samplers[self._first].timesteps
