@@ -633,7 +633,7 @@ def test_a_killed_gpu_worker_loses_no_job(pair):
     """SIGKILL mid-generation: the task goes back to the queue and the other worker runs it."""
     workers, web = pair.both_alive(), pair.web
     client = Client(web.url, API_KEY, verify=str(web.cert))
-    job = client.submit(png_bytes(), "a slow one", steps=40, resolution=128, seed=9)
+    job = client.submit(png_bytes(), "a slow one", steps=20, resolution=128, seed=9)
     doomed = pair.running(client, job["id"])
     doomed.signal(signal.SIGKILL)
     assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"
