@@ -4,6 +4,7 @@ torch.compile of the two models that run at every denoising step."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from stable_diffusion.config import SpeedConfig
 
-# Graphs kept per compiled model: batch sizes, both passes, a few picture sizes.
+# Graphs kept per compiled model: one per picture size served (see _compiled_forward), with room to spare.
 RECOMPILE_LIMIT = 64
 
 
@@ -46,7 +47,7 @@ def apply_speed_settings(
         torch.backends.cuda.matmul.allow_tf32 = True
     if config.torch_compile != "off":
         # Both forwards are the same diffusers decorator's code, and torch keeps one cache of graphs per
-        # code: two models times two passes times the batch shapes outgrow its default limit of 8, after
+        # code: two models times the picture sizes served outgrow its default limit of 8, after
         # which it silently falls back to eager Python. Newer torch takes the limit per compiled region
         # (its dynamo config is per thread there, and the worker may not be the thread that loads);
         # older torch has only the process-wide setting.
@@ -57,5 +58,38 @@ def apply_speed_settings(
         # `forward` rather than the module: the per-sample guidance and ControlNet-weight hooks stay in
         # eager Python, so their per-step values never become graph guards that force recompiles.
         for model in (pipe.unet, pipe.controlnet):
-            model.forward = torch.compile(model.forward, **options)
+            model.forward = _compiled_forward(model, options)
     return Speed("sdpa", channels_last, config.torch_compile)
+
+
+def _compiled_forward(model: torch.nn.Module, options: dict[str, object]) -> Callable:
+    """`model.forward` compiled to as few graphs as the picture sizes allow. torch.compile guards on what a
+    graph was compiled for and compiles another when that changes: the batch (made dynamic from the first
+    call, rather than one graph for a batch of 1 and one more for any batch) and, between the two passes,
+    the latents' layout (the refine pass's come out of the VAE's encoder channels-last) and the keywords
+    passed (its pipeline leaves out `timestep_cond=None`). Evened out, both passes and every batch share
+    one graph per picture size."""
+    compiled = torch.compile(model.forward, **options)
+    defaults_none = {
+        name for name, parameter in inspect.signature(model.forward).parameters.items() if parameter.default is None
+    }
+
+    def forward(sample: torch.Tensor, *args, **kwargs):
+        kwargs = {name: value for name, value in kwargs.items() if value is not None or name not in defaults_none}
+        sample = sample.contiguous()
+        for tensor in _batched_tensors(sample.shape[0], (sample, *args, *kwargs.values())):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(sample, *args, **kwargs)
+
+    return forward
+
+
+def _batched_tensors(batch: int, values: Iterable[object]) -> Iterator[torch.Tensor]:
+    """The tensors among `values`, and in their lists, tuples and dicts, whose first dimension is the batch."""
+    for value in values:
+        if isinstance(value, dict):
+            yield from _batched_tensors(batch, value.values())
+        elif isinstance(value, (list, tuple)):
+            yield from _batched_tensors(batch, value)
+        elif isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            yield value

@@ -85,10 +85,10 @@ class Generator:
     def warm_up(self) -> None:
         """Where the pipelines need it (compiled models, a GPU), generate at each warm-up size, both
         passes, for 1, 2 and `max_batch` pictures, so that requests of those sizes never wait for a
-        compilation. torch.compile first builds a graph for batch 1 alone; seeing the batch change, it
-        builds one for any batch, and the full batch covers the guards that graph may take on large
-        batches (a test checks that a batch of 3 compiles nothing after warming up with 1, 2 and 4).
-        Another picture size compiles on its first request."""
+        compilation. The compiled models take any batch from their first run (acceleration.py); the full
+        batch covers the guards that graph may take on large batches, and gives a GPU its kernels for it
+        (a test checks that a batch of 3 compiles nothing after warming up with 1, 2 and 4). Another
+        picture size compiles on its first request."""
         if not self.pipelines.needs_warm_up:
             return
         started = time.perf_counter()
