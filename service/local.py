@@ -71,8 +71,7 @@ class LocalGenerationService(GenerationService):
         return Submission(request_id, request.seed, request.size, prepared.input_file, future, cancel)
 
     def submit_job(self, fields: BaseModel, upload: bytes, owner: str, recorder: JobRecorder) -> None:
-        prepared = self._uploads.prepare(fields, upload, recorder.job_id)
-        recorder.taken(prepared.input_file)
+        prepared = self._uploads.prepare_job(fields, upload, recorder)
         self._queue(prepared, owner, recorder.on_event).add_done_callback(recorder.finished)
 
     def _queue(self, prepared: Prepared, owner: str, on_event: EventHandler | None) -> Future[RenderedOutput]:

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from service.rendering import build_request
 from service.storage import new_file_stem, write_atomically
-from stable_diffusion.errors import DecodersBusy
+from stable_diffusion.errors import DecodersBusy, ServiceError
 from stable_diffusion.image_processing import (
     FILE_EXTENSIONS,
     DecodedImage,
@@ -23,6 +24,9 @@ from stable_diffusion.image_processing import (
     make_control_image,
 )
 from stable_diffusion.recipe import GenerationRequest
+
+if TYPE_CHECKING:
+    from service.jobs.recording import JobRecorder
 
 
 class DecodeSlots:
@@ -78,6 +82,17 @@ class UploadDesk:
         input_file = f"{stem}.{FILE_EXTENSIONS[decoded.format]}"
         write_atomically(self.input_dir / input_file, upload)
         return Prepared(request, decoded, stem, input_file)
+
+    def prepare_job(self, fields: BaseModel, upload: bytes, recorder: JobRecorder) -> Prepared:
+        """As `prepare`, for a job: its record names the upload before the job is queued (a finished record is
+        final); a record that cannot be written leaves no upload behind."""
+        prepared = self.prepare(fields, upload, recorder.job_id)
+        try:
+            recorder.taken(prepared.input_file)
+        except ServiceError:
+            self.discard(prepared)
+            raise
+        return prepared
 
     def discard(self, prepared: Prepared) -> None:
         """The request was refused after all: its upload is not kept."""

@@ -118,12 +118,7 @@ class CeleryGenerationService(GenerationService):
         return Submission(request_id, request.seed, request.size, prepared.input_file, future, cancel)
 
     def submit_job(self, fields: BaseModel, upload: bytes, owner: str, recorder: JobRecorder) -> None:
-        prepared = self._uploads.prepare(fields, upload, recorder.job_id)
-        try:
-            recorder.taken(prepared.input_file)
-        except errors.ServiceError:
-            self._uploads.discard(prepared)
-            raise
+        prepared = self._uploads.prepare_job(fields, upload, recorder)
         # A job's task waits as long as it takes for a GPU worker.
         self._send(prepared, owner, job=True, expires=None)
 
