@@ -252,7 +252,7 @@ def test_a_job_runs_on_the_gpu_worker_and_is_seen_by_every_web_process(cluster):
     _, _, web = cluster
     client = Client(web.url, API_KEY, verify=str(web.cert))
     # Long enough for a watcher to see progress: with a shared store it reads the job twice a second.
-    job = client.submit(png_bytes(), "a red barn", seed=3, steps=16, resolution=128)
+    job = client.submit(png_bytes(), "a red barn", seed=3, steps=40, resolution=128)
     events = [kind for kind, _ in client.events(job["id"])]
     assert events[0] == "status" and "progress" in events and events[-1] == "status"
     # Many reads: with two web processes, both answer some of them.
