@@ -13,7 +13,7 @@ from functools import partial
 
 from celery import signals
 
-from service.distributed.celery_app import GENERATE_TASK, MENDED_TRANSPORT, QUEUE, make_celery
+from service.distributed.celery_app import GENERATE_TASK, MENDED_TRANSPORT, QUEUE, QUICK_CONSUMER, make_celery
 from service.distributed.gpu_side import GpuRunner
 from service.distributed.ledger import Ledger
 from service.jobs.redis_store import RedisJobStore
@@ -50,8 +50,9 @@ def generate(message: dict) -> None:
 
 @signals.celeryd_init.connect
 def _worker_settings(conf=None, **_) -> None:
-    """Settings for the worker alone: it consumes through the mended Redis transport."""
+    """Settings for the worker alone: it consumes through the mended Redis transport, and reconnects quickly."""
     conf.broker_transport = MENDED_TRANSPORT
+    conf.worker_consumer = QUICK_CONSUMER
 
 
 @signals.worker_init.connect

@@ -13,9 +13,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from stable_diffusion.errors import GenerationTimeout, ServiceError
 
@@ -59,6 +59,56 @@ _NOT_READY = {
     ),
     ServiceState.UNREACHABLE: "The queue's Redis server (REDIS_URL) cannot be reached; retry in a few seconds.",
 }
+
+
+_Word = Annotated[str, StringConstraints(max_length=300)]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: _Word = Field(description="a single file's name without its suffix, or the hub id, folder or built-in model")
+    size_bytes: int | None = Field(
+        ge=0, description="a single file's size; null for a hub id, folder or built-in model"
+    )
+    sha256: Annotated[str, StringConstraints(pattern="^[0-9a-f]{64}$")] | None = Field(
+        description="a single file's SHA-256 (AUTOMATIC1111's Model hash is its first 10 digits); null for "
+        "anything else, and until the server has hashed the file"
+    )
+
+
+class ModelFiles(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sd_model: ModelEntry
+    controlnet_model: ModelEntry
+
+
+class Description(BaseModel):
+    """What generates, as `GenerationService.describe` tells it: GET /info and /models answer it. In celery mode
+    it comes from a GPU worker's heartbeat in Redis, so it is checked field by field, like anything read there."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: _Word
+    random_weights: bool = Field(
+        False, description="the model is a built-in one with random weights (SD_MODEL=tiny): its pictures are noise "
+        "shaped by the edges, for trying and testing the service"
+    )
+    family: _Word
+    device: _Word
+    dtype: _Word
+    schedulers: list[_Word] = Field(max_length=100)
+    max_batch: int = Field(ge=1)
+    attention: _Word
+    channels_last: bool
+    torch_compile: _Word
+    warm_up_seconds: float | None = Field(ge=0)
+    warm_up_sizes: list[_Word] = Field(max_length=100)
+    model_files: ModelFiles
+    gpu_workers: int | None = Field(
+        None, ge=1, description="QUEUE_BACKEND=celery only: the GPU workers ready (absent in local mode)"
+    )
 
 
 def process_name() -> str:
@@ -172,7 +222,7 @@ class GenerationService(ABC):
         step (False). Works for a request submitted by any process of the service."""
 
     @abstractmethod
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """What generates (model, device, dtype, samplers, speed settings); ModelNotReady until it is loaded."""
 
     def gpu_workers(self) -> list[dict] | None:

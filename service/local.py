@@ -10,7 +10,15 @@ from functools import partial
 
 from pydantic import BaseModel
 
-from service.interface import GenerationService, RenderedOutput, ResultObserver, ServiceState, Submission, process_name
+from service.interface import (
+    Description,
+    GenerationService,
+    RenderedOutput,
+    ResultObserver,
+    ServiceState,
+    Submission,
+    process_name,
+)
 from service.jobs.recording import JobRecorder
 from service.rendering import render_output
 from service.settings import Settings
@@ -100,8 +108,8 @@ class LocalGenerationService(GenerationService):
     def cancel(self, request_id: str, owner: str) -> bool:
         return self._worker.cancel(request_id)
 
-    def describe(self) -> dict[str, object]:
-        return self._worker.generator.describe()
+    def describe(self) -> Description:
+        return Description.model_validate(self._worker.generator.describe())
 
     def observe(self, observer: ResultObserver) -> None:
         self._worker.observe(observer)

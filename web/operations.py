@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ModelNotReady
-from service.interface import Generated, ServiceState
+from service.interface import Description, Generated, ModelEntry, ServiceState
 from service.jobs import JobStore
 from web.access import public
 
@@ -59,30 +59,11 @@ class Limits(BaseModel):
     generation_timeout_s: float
 
 
-class Info(BaseModel):
+class Info(Description):
     """What the server runs (the backend says: model, device and more), the fields and the limits."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    random_weights: bool = Field(
-        False, description="the model is a built-in one with random weights (SD_MODEL=tiny): its pictures are noise "
-        "shaped by the edges, for trying and testing the service"
-    )
-    device: str
     fields: FieldSchemas
     limits: Limits
-
-
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="a single file's name without its suffix, or the hub id, folder or built-in model")
-    size_bytes: int | None = Field(description="a single file's size; null for a hub id, folder or built-in model")
-    sha256: str | None = Field(
-        description="a single file's SHA-256 (AUTOMATIC1111's Model hash is its first 10 digits); null for "
-        "anything else, and until the server has hashed the file"
-    )
 
 
 class LoraEntry(BaseModel):
@@ -138,8 +119,9 @@ def info():
         preprocess=extensions["edge_fields"].model_json_schema()["properties"],
     )
     limits = Limits.model_validate(extensions["settings"], from_attributes=True)
-    info = Info(**extensions["service"].describe(), fields=schemas, limits=limits)
-    return jsonify(info.model_dump(mode="json"))
+    # Unset (not null): gpu_workers in local mode.
+    info = Info(**extensions["service"].describe().model_dump(exclude_unset=True), fields=schemas, limits=limits)
+    return jsonify(info.model_dump(mode="json", exclude_unset=True))
 
 
 @operations.get("/models")
@@ -147,13 +129,14 @@ def models():
     try:
         about = current_app.extensions["service"].describe()
     except ModelNotReady:
-        about = {}
-    files = about.get("model_files") or {"sd_model": None, "controlnet_model": None}
+        about = None
     loras = [
         LoraEntry(name=lora.name, size_bytes=lora.size, sha256=lora.sha256, short_hash=lora.short_hash)
-        for lora in current_app.extensions["loras"].describe(about.get("family"))
+        for lora in current_app.extensions["loras"].describe(about and about.family)
     ]
-    return jsonify(Models(**files, loras=loras).model_dump(mode="json"))
+    files = about.model_files if about else None
+    models = Models(sd_model=files and files.sd_model, controlnet_model=files and files.controlnet_model, loras=loras)
+    return jsonify(models.model_dump(mode="json"))
 
 
 @operations.get("/metrics")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+from functools import partial
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 from celery import Celery
+from celery.worker.consumer import Consumer
+from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
 from service.settings import Settings
@@ -39,6 +42,22 @@ class RedisTransport(kombu_redis.Transport):
 
 
 MENDED_TRANSPORT = f"{__name__}:{RedisTransport.__name__}"
+# A GPU worker tries Redis again at most this long after the last try, however long it has been away.
+RECONNECT_MAX_S = 3
+
+
+class QuickConsumer(Consumer):
+    """Celery's consumer, trying a lost broker again every RECONNECT_MAX_S at most (Celery's own back-off grows
+    to 30 s, and a GPU worker would idle that long after Redis came back), for as long as it takes."""
+
+    def ensure_connected(self, conn: Connection) -> Connection:
+        conn.ensure_connection = partial(
+            conn.ensure_connection, interval_start=0.5, interval_step=0.5, interval_max=RECONNECT_MAX_S
+        )
+        return super().ensure_connected(conn)
+
+
+QUICK_CONSUMER = f"{__name__}:{QuickConsumer.__name__}"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -65,6 +84,8 @@ def make_celery(settings: Settings) -> Celery:
         task_publish_retry=False,
         broker_connection_timeout=2,
         broker_connection_retry_on_startup=True,
+        # Never give up on Redis (Celery's default stops the worker after 100 tries).
+        broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
         broker_use_ssl=tls_options(settings.redis_url),
     )

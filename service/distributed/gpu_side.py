@@ -237,7 +237,7 @@ class GpuRunner:
     def _beat(self) -> None:
         while not self._stopped.is_set():
             state = self.worker.state
-            about = {}
+            about = None
             if state == ServiceState.READY:
                 about = self.worker.generator.describe()
             try:

@@ -16,7 +16,7 @@ import redis
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from service.errors import QueueFull, TooManyRequests
-from service.interface import ServiceState
+from service.interface import Description, ServiceState
 from service.redis_connection import PREFIX, reachable
 
 QUEUED = PREFIX + "queued"
@@ -81,8 +81,8 @@ class Heartbeat(BaseModel):
     queue: Annotated[str, StringConstraints(max_length=100)] = ""
     state: ServiceState
     device: Annotated[str, StringConstraints(max_length=100)]
-    # Its generator's describe(): /info answers it, and validates it there.
-    about: dict
+    # What its model is, once loaded (/info answers it).
+    about: Description | None = None
     running: int = Field(ge=0)
     images: int = Field(ge=0)
     # When it beat (its own clock): each beat differs from the last.

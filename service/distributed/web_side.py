@@ -22,7 +22,7 @@ from service import errors
 from service.distributed import wire
 from service.distributed.celery_app import GENERATE_TASK, make_celery
 from service.distributed.ledger import Ledger
-from service.interface import Generated, GenerationService, ResultObserver, ServiceState, Submission
+from service.interface import Description, Generated, GenerationService, ResultObserver, ServiceState, Submission
 from service.jobs.recording import JobRecorder
 from service.local import upload_desk
 from service.redis_connection import WEB_TIMEOUT_S, connect, reachable
@@ -159,11 +159,12 @@ class CeleryGenerationService(GenerationService):
             waiting.cancel()
         return self._ledger.cancel(request_id, owner)
 
-    def describe(self) -> dict[str, object]:
-        ready = [worker for worker in self._ledger.workers() if worker["state"] == ServiceState.READY]
+    def describe(self) -> Description:
+        ready = [worker["about"] for worker in self._ledger.workers()
+                 if worker["state"] == ServiceState.READY and worker["about"] is not None]
         if not ready:
             raise errors.ModelNotReady(self.state.not_ready_message, retry_after=5)
-        return ready[0]["about"] | {"gpu_workers": len(ready)}
+        return Description.model_validate(ready[0] | {"gpu_workers": len(ready)})
 
     def observe(self, observer: ResultObserver) -> None:
         """Hears of the /generate requests this process answers (GPU workers count every image they make)."""
