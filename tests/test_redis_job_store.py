@@ -5,12 +5,15 @@ service cannot have written is ignored; both stores keep a finished job's record
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from service.errors import QueueUnreachable
+from service.jobs.manager import JobManager
 from service.jobs.redis_store import RedisJobStore
 from service.jobs.store import Job, JobStatus, SqliteJobStore
-from service.redis_connection import connect
+from service.redis_connection import OPEN_S, UNREACHABLE, connect
 from tests.processes import RedisServer
 
 
@@ -78,3 +81,33 @@ def test_a_finished_jobs_record_is_final(kind, store, tmp_path):
         JobStatus.SUCCEEDED, 4, None, "x.png"
     )
     assert jobs.count_by_status()[JobStatus.CANCELED] == 0
+
+
+class _RedisLostWhileQueueing:
+    """The edge of the test: a generation service that loses Redis as it queues a job (the real redis-server
+    stops) and refuses it, as the Celery service does."""
+
+    def __init__(self, broker: RedisServer) -> None:
+        self.broker = broker
+
+    def submit_job(self, *_) -> None:
+        self.broker.stop()
+        raise QueueUnreachable(UNREACHABLE, retry_after=5)
+
+
+def test_a_job_refused_as_redis_goes_away_leaves_no_queued_record_once_it_is_back(tmp_path):
+    broker = RedisServer(tmp_path)
+    store = RedisJobStore(connect(broker.url), retention_s=3600)
+    manager = JobManager(store, _RedisLostWhileQueueing(broker), tmp_path, tmp_path, retention_s=3600)
+    try:
+        fields = SimpleNamespace(seed=1)
+        with pytest.raises(QueueUnreachable):
+            manager.submit("key", "lost", fields, b"")
+        broker.restart()
+        time.sleep(OPEN_S)
+        assert store.get("lost").status == JobStatus.QUEUED  # the record outlived the restart (append-only file)
+        manager.remove_expired()  # what the janitor runs every few seconds
+        assert store.get("lost") is None
+    finally:
+        manager.close()
+        broker.stop()

@@ -49,6 +49,8 @@ class JobManager:
         self.input_dir, self.output_dir, self.retention_s = input_dir, output_dir, retention_s
         self._changed = threading.Condition()
         self._version = 0
+        # Records of jobs refused after they were written, that could not be deleted then (the janitor tries).
+        self._refused: set[str] = set()
         self._closed = threading.Event()
         try:
             self.remove_expired()
@@ -69,7 +71,7 @@ class JobManager:
         try:
             self.service.submit_job(fields, upload, owner, self._recorder(job_id))
         except ServiceError:
-            self.store.delete(job_id)
+            self._forget(job_id)
             raise
         try:
             return self.store.get(job_id) or job
@@ -172,9 +174,22 @@ class JobManager:
     def _changed_since(self, seen: int) -> bool:
         return self._version != seen or self._closed.is_set()
 
+    def _forget(self, job_id: str) -> None:
+        """Delete the record of a job that was refused; a shared store that went away in between (Redis lost
+        while the job was being queued) keeps it until the janitor can: never a job queued for ever."""
+        try:
+            self.store.delete(job_id)
+        except ServiceError as error:
+            log.warning("job %s: refused, and its record not deleted yet (%s)", job_id, error.message)
+            self._refused.add(job_id)
+
     def remove_expired(self) -> int:
         """Delete jobs that finished longer than the retention period ago, the record first: a job is never
-        listed without its files (a crash in between leaves only unlisted files)."""
+        listed without its files (a crash in between leaves only unlisted files); and the records of refused
+        jobs that could not be deleted at the time."""
+        for job_id in list(self._refused):
+            self.store.delete(job_id)
+            self._refused.discard(job_id)
         expired = self.store.finished_before(time.time() - self.retention_s)
         for job in expired:
             self.store.delete(job.id)
