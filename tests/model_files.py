@@ -213,8 +213,11 @@ def _text_encoder_tensors(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
-    """Floating-point tensors in `dtype`, as one safetensors file."""
+    """Floating-point tensors in `dtype`, as one safetensors file; a model built on the meta device (shapes, no
+    values) as a file of zeros."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if any(tensor.is_meta for tensor in tensors.values()):
+        return _save_zeros(tensors, path, dtype)
     save_file(
         {
             key: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
@@ -222,4 +225,26 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> P
         },
         str(path),
     )
+    return path
+
+
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def _save_zeros(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
+    """The safetensors layout (the header's length, the JSON header, then each tensor's bytes) with every byte
+    of the tensors zero, left to the file system as a hole: a full-size checkpoint is written at once, and read
+    back without waiting for a disk."""
+    header, offset = {}, 0
+    for key, tensor in tensors.items():
+        kind = dtype if tensor.is_floating_point() else tensor.dtype
+        size = tensor.numel() * kind.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[kind], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded)
+        file.truncate(8 + len(encoded) + offset)
     return path

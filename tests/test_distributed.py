@@ -121,7 +121,7 @@ def test_a_lora_paints_as_in_local_mode_and_one_rewritten_in_place_never_kills_a
     assert np.array_equal(pixels(distributed.content), pixels(local.content))
     folder = Path(web.environment["LORA_DIR"])
     versions = rewrite_in_place.padded_versions(folder / "ink.safetensors", folder.parent)
-    writer = rewrite_in_place.start(folder / "moving.safetensors", 8, versions)
+    writer = rewrite_in_place.start(folder / "moving.safetensors", 5, versions)
 
     def client(index: int) -> list[requests.Response]:
         answers = []

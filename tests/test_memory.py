@@ -34,6 +34,16 @@ def worst_case_png() -> bytes:
     return encode(Image.new("RGBA", (SIDE, SIDE), (10, 20, 30, 128)))
 
 
+@pytest.fixture(scope="module")
+def roomy_server(tmp_path_factory):
+    """Room for every upload at once, in the key's share, the queue and one batch: what holds them back is
+    MAX_CONCURRENT_DECODES alone. Each test measures its own peak (peak_growth_mb)."""
+    server = serve(tmp_path_factory.mktemp("memory"), MAX_QUEUED_PER_KEY=str(UPLOADS), QUEUE_SIZE=str(UPLOADS),
+                   BATCH_SIZE=str(UPLOADS))
+    yield server
+    server.stop()
+
+
 def app_process(server: LiveServer) -> int:
     """The gunicorn worker process, which holds the app (the server's process is its arbiter)."""
     children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
@@ -92,28 +102,22 @@ def peak_growth_mb(server: LiveServer, work) -> tuple[object, float]:
     return result, memory_mb(pid, "VmHWM") - before
 
 
-def test_concurrent_worst_case_uploads_to_preprocess_stay_within_the_memory_budget(tmp_path, worst_case_png):
-    server = serve(tmp_path, MAX_QUEUED_PER_KEY=str(UPLOADS))
-    try:
-        started = time.monotonic()
-        answers, growth = peak_growth_mb(server, lambda: upload_all(server, worst_case_png, UPLOADS))
-        seconds = time.monotonic() - started
-    finally:
-        server.stop()
+def test_concurrent_worst_case_uploads_to_preprocess_stay_within_the_memory_budget(roomy_server, worst_case_png):
+    server = roomy_server
+    started = time.monotonic()
+    answers, growth = peak_growth_mb(server, lambda: upload_all(server, worst_case_png, UPLOADS))
+    seconds = time.monotonic() - started
     assert_within_the_budget("/preprocess", answers, growth, seconds)
 
 
-def test_concurrent_worst_case_uploads_waiting_to_generate_stay_within_the_memory_budget(tmp_path, worst_case_png):
+def test_concurrent_worst_case_uploads_waiting_to_generate_stay_within_the_memory_budget(roomy_server, worst_case_png):
     """A long job of another key holds the worker until every upload waits in the queue (or was refused), all
     at once: a queued request holds its edge maps, not the decoded picture."""
-    server = serve(tmp_path, MAX_QUEUED_PER_KEY=str(UPLOADS), QUEUE_SIZE=str(UPLOADS), BATCH_SIZE=str(UPLOADS))
-    try:
-        job = start_long_job(server)
-        started = time.monotonic()
-        (answers, deepest), growth = peak_growth_mb(server, lambda: generate_all_behind(server, job, worst_case_png))
-        seconds = time.monotonic() - started
-    finally:
-        server.stop()
+    server = roomy_server
+    job = start_long_job(server)
+    started = time.monotonic()
+    (answers, deepest), growth = peak_growth_mb(server, lambda: generate_all_behind(server, job, worst_case_png))
+    seconds = time.monotonic() - started
     assert_within_the_budget("/generate", answers, growth, seconds)
     assert deepest == [answer.status_code for answer in answers].count(200), deepest
 
