@@ -94,6 +94,8 @@ def cluster(tmp_path_factory):
         web.wait_until_healthy()
         yield broker, workers, web
     finally:
+        for worker in workers:  # all told at once, then waited for
+            worker.signal(signal.SIGTERM)
         web.stop()
         for worker in workers:
             worker.stop()
@@ -464,8 +466,12 @@ def test_without_gpu_workers_ready_is_503_and_jobs_wait_for_one(tmp_path):
         worker.wait_until_ready(broker.client())
         assert wait_for(client, accepted[0], "succeeded", "failed")["status"] == "succeeded"
         assert client.status(accepted[1])["status"] == "canceled"
-        time.sleep(2)
         # The canceled job is skipped by the worker; the expired /generate task by Celery itself.
+        deadline = time.monotonic() + 10
+        while (output := worker.output()).count("canceled before it ran") + output.count("Discarding revoked task") < 2:
+            assert time.monotonic() < deadline, output[-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)  # and nothing more runs
         output = worker.output()
         assert output.count("canceled before it ran") + output.count("Discarding revoked task") == 2, output[-3000:]
         assert output.count(": done") == 1 and f"request {accepted[0]}: done" in output
@@ -579,6 +585,9 @@ class Pair:
         return worker
 
     def stop(self) -> None:
+        for worker in self.workers:  # all told at once, then waited for
+            if worker.process.poll() is None:
+                worker.signal(signal.SIGTERM)
         self.web.stop()
         for worker in self.workers:
             worker.stop()
@@ -641,7 +650,7 @@ def test_a_killed_gpu_worker_loses_no_job(pair):
     """SIGKILL mid-generation: the task goes back to the queue and the other worker runs it."""
     workers, web = pair.both_alive(), pair.web
     client = Client(web.url, API_KEY, verify=str(web.cert))
-    job = client.submit(png_bytes(), "a slow one", steps=40, resolution=256, seed=9)
+    job = client.submit(png_bytes(), "a slow one", steps=24, resolution=256, seed=9)
     doomed = pair.running(client, job["id"])
     doomed.signal(signal.SIGKILL)
     assert wait_for(client, job["id"], "succeeded", "failed", timeout=180)["status"] == "succeeded"

@@ -160,7 +160,7 @@ def test_sigterm_stops_accepting_finishes_work_in_flight_and_exits_0(tmp_path):
     verify = str(server.cert)
     job = requests.post(
         f"{server.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
-        data={"prompt": "long", "steps": "40", "resolution": "128"}, verify=verify, timeout=30,
+        data={"prompt": "long", "steps": "24", "resolution": "128"}, verify=verify, timeout=30,
     ).json()["id"]
     status_url = f"{server.url}/jobs/{job}"
     while requests.get(status_url, headers=KEY, verify=verify, timeout=10).json()["status"] != "running":
