@@ -27,6 +27,7 @@ from web.images import images
 from web.jobs import jobs
 from web.operations import Metrics, operations
 from web.pages import pages
+from web.parts import AppParts, get_jobs, get_service, get_settings, install, install_metrics
 from web.request_log import init_request_log, init_security_headers
 from web.tls import CertificateError, ensure_certificate
 
@@ -52,7 +53,7 @@ def create_app(
     backend = build_backend(settings, service, on_load_failed)
     return_freed_pictures_to_the_os()
     loras = LoraLibrary(settings.lora_dir)
-    app.extensions.update(
+    install(app, AppParts(
         settings=settings,
         service=backend.service,
         jobs=JobManager(
@@ -61,13 +62,13 @@ def create_app(
         loras=loras,
         generate_fields=generate_fields_model(settings, loras),
         edge_fields=edge_fields_model(settings),
-    )
+    ))
     init_request_log(app, settings)
     init_security_headers(app, settings)
     init_auth(app, settings)
     init_rate_limit(app, settings, backend)
     init_errors(app)
-    app.extensions["metrics"] = Metrics(app, backend.jobs)
+    install_metrics(app, Metrics(app, backend.jobs))
     CORS(
         app,
         origins=list(settings.cors_origins),
@@ -201,9 +202,9 @@ def _finish_work(server, worker) -> None:
     app = getattr(worker, "wsgi", None)
     if not isinstance(app, Flask):
         return
-    grace = app.extensions["settings"].shutdown_grace_s
-    app.extensions["service"].close(timeout=max(1.0, grace - 5))
-    app.extensions["jobs"].close()
+    grace = get_settings(app).shutdown_grace_s
+    get_service(app).close(timeout=max(1.0, grace - 5))
+    get_jobs(app).close()
 
 
 def _stop_serving(error: Exception) -> None:

@@ -32,7 +32,7 @@ from service.settings import Settings
 from service.worker import GenerationWorker
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks, in FLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250": 362e12}
@@ -100,14 +100,14 @@ def _measure_service(settings: Settings, requests: dict, args) -> tuple[dict, di
     """The worker with dynamic batching, warmed up (and compiled) as the server does before /ready."""
     # Loaded on the worker thread, as the server does, so all torch work happens on one thread.
     worker = GenerationWorker(
-        lambda: Generator(load_pipelines(model_config(settings)), max_batch=CLIENTS,
+        lambda: PipelineRunner(load_pipelines(model_config(settings)), max_batch=CLIENTS,
                                 warm_up_sizes=((args.resolution,) * 2,)),
         queue_size=64, max_batch=CLIENTS, batch_wait_s=0.01,
     )
     if not worker.wait_until_loaded():
         raise SystemExit(f"the service path failed to load: {worker.load_error!r}")
     try:
-        return worker.generator.describe(), {
+        return worker.runner.describe(), {
             refine: _measure(lambda request=request: worker.submit(request).result(), args.runs, args.per_client)
             for refine, request in requests.items()
         }

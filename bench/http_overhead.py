@@ -32,7 +32,7 @@ from service.rendering import build_request
 from service.settings import REPO_ROOT, Settings
 from stable_diffusion.image_processing import DecodeLimits, decode_upload
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 
 KEY = "bench-key"
 FIELDS = {"prompt": "a lighthouse on a cliff", "resolution": "256", "steps": "20", "seed": "1"}
@@ -75,11 +75,11 @@ def measure(environment: dict[str, str], port: int, upload: bytes, runs: int) ->
     """Time the pipeline alone and the whole request, alternating, so drift in the machine's speed
     (other tenants, turbo) falls on both sides alike.
 
-    In-process: the edge map prepared beforehand, only `Generator.run` timed. Over HTTPS: upload,
+    In-process: the edge map prepared beforehand, only `PipelineRunner.run` timed. Over HTTPS: upload,
     decoding, edges, queue, generation, PNG, files, TLS. Each side gets one warm-up first.
     """
     settings = Settings.load(env_file=None, environ=environment)
-    service = Generator(load_pipelines(model_config(settings)))
+    service = PipelineRunner(load_pipelines(model_config(settings)))
     fields = generate_fields_model(settings).model_validate(FIELDS)
     request = build_request("bench", fields, decode_upload(upload, DecodeLimits(10**8, 1)))
 

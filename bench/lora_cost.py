@@ -24,7 +24,7 @@ from stable_diffusion.config import ModelConfig
 from stable_diffusion.file_reading import read_whole
 from stable_diffusion.lora_library import MAX_LORA_BYTES
 from stable_diffusion.pipeline_initialization import build_tiny_pipeline, load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from stable_diffusion.recipe import GenerationRequest
 from tests.model_files import write_kohya_lora
 
@@ -66,12 +66,13 @@ def main() -> None:
         for seed, name in enumerate(("ink", "paper")):
             write_kohya_lora(source.unet, source.text_encoder, loras / f"{name}.safetensors", rank=args.rank, seed=seed)
         config = ModelConfig("tiny", "tiny", device="cpu", lora_dir=loras)
-        cached = Generator(load_pipelines(config))
-        switching = Generator(load_pipelines(ModelConfig("tiny", "tiny", device="cpu", lora_dir=loras, lora_cache=1)))
+        cached = PipelineRunner(load_pipelines(config))
+        one_cached = ModelConfig("tiny", "tiny", device="cpu", lora_dir=loras, lora_cache=1)
+        switching = PipelineRunner(load_pipelines(one_cached))
         edges = Image.new("RGB", (args.resolution, args.resolution))
         edges.paste((255, 255, 255), (args.resolution // 4,) * 2 + (3 * args.resolution // 4,) * 2)
 
-        def seconds(generator: Generator, loras: tuple) -> float:
+        def seconds(generator: PipelineRunner, loras: tuple) -> float:
             request = GenerationRequest("bench", (edges,), "a lighthouse", seed=1, steps=args.steps, loras=loras)
             started = time.perf_counter()
             generator.run(request)

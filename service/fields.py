@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: the field types below close over the settings' limits.
 
+import secrets
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -15,8 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from service.errors import InvalidField
 from service.settings import Settings
-from stable_diffusion.errors import InvalidField
 from stable_diffusion.lora_library import (
     MAX_LORAS_PER_REQUEST,
     MAX_WEIGHT,
@@ -31,6 +32,13 @@ from stable_diffusion.recipe import SAMPLERS
 
 MAX_SEED = 2**32 - 1
 MIN_RESOLUTION = 256
+
+
+def with_seed(fields: BaseModel) -> BaseModel:
+    """The fields, with a seed drawn when the caller gave none (the one place a seed is drawn)."""
+    if fields.seed is not None:
+        return fields
+    return fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
 
 
 def edge_fields_model(settings: Settings) -> type[BaseModel]:

@@ -17,7 +17,7 @@ from service.distributed.celery_app import GENERATE_TASK, MENDED_TRANSPORT, QUEU
 from service.distributed.gpu_side import GpuRunner
 from service.distributed.ledger import Ledger
 from service.jobs.redis_store import RedisJobStore
-from service.local import load_generator
+from service.local import load_runner
 from service.redis_connection import connect
 from service.settings import Settings, SettingsError
 from service.worker import GenerationWorker
@@ -60,7 +60,7 @@ def _load_model(sender=None, **_) -> None:
     """The model loads on the GenerationWorker's own thread; tasks that arrive meanwhile wait for it."""
     global _runner
     worker = GenerationWorker(
-        partial(load_generator, settings),
+        partial(load_runner, settings),
         queue_size=settings.batch_size,
         on_load_failed=_stop,
         max_batch=settings.batch_size,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from stable_diffusion.errors import GenerationTimeout, ServiceError
+from service.errors import GenerationTimeout, ServiceError
 
 if TYPE_CHECKING:
     from service.jobs.recording import JobRecorder

@@ -10,6 +10,7 @@ from functools import partial
 
 from pydantic import BaseModel
 
+from service.errors import ServiceError
 from service.interface import (
     Description,
     GenerationService,
@@ -24,9 +25,8 @@ from service.rendering import render_output
 from service.settings import Settings
 from service.storage import write_atomically
 from service.uploads import Prepared, UploadDesk
-from service.worker import GenerationWorker, Generator
+from service.worker import GenerationWorker, ModelRunner
 from stable_diffusion.config import ModelConfig, SpeedConfig
-from stable_diffusion.errors import ServiceError
 from stable_diffusion.image_processing import DecodeLimits
 from stable_diffusion.recipe import EventHandler, GenerationResult
 
@@ -44,7 +44,7 @@ class LocalGenerationService(GenerationService):
     ) -> LocalGenerationService:
         """The service for the configured model, which loads on the worker thread while this returns."""
         worker = GenerationWorker(
-            partial(load_generator, settings),
+            partial(load_runner, settings),
             settings.queue_size,
             on_load_failed=on_load_failed,
             max_per_owner=settings.max_queued_per_key,
@@ -91,13 +91,11 @@ class LocalGenerationService(GenerationService):
 
     def _finish(self, prepared: Prepared, result: GenerationResult) -> RenderedOutput:
         """On a finisher thread: the output file, named like its upload, saved before the caller hears of it."""
-        generator = self._worker.generator
-        rendered = render_output(prepared.request, result, prepared.upload, generator.model_name, generator.model_hash)
-        file_name = f"{prepared.stem}.{rendered.extension}"
-        write_atomically(self._output_dir / file_name, rendered.data)
-        return RenderedOutput(
-            rendered.data, rendered.mimetype, file_name, result.seconds, process_name(), len(result.images)
+        output = render_output(
+            prepared.request, result, prepared.upload, self._worker.runner, prepared.stem, process_name()
         )
+        write_atomically(self._output_dir / output.file_name, output.data)
+        return output
 
     def edge_map(self, fields: BaseModel, upload: bytes) -> bytes:
         return self._uploads.edge_map(fields, upload)
@@ -109,7 +107,7 @@ class LocalGenerationService(GenerationService):
         return self._worker.cancel(request_id)
 
     def describe(self) -> Description:
-        return Description.model_validate(self._worker.generator.describe())
+        return Description.model_validate(self._worker.runner.describe())
 
     def observe(self, observer: ResultObserver) -> None:
         self._worker.observe(observer)
@@ -118,12 +116,12 @@ class LocalGenerationService(GenerationService):
         self._worker.close(timeout)
 
 
-def load_generator(settings: Settings) -> Generator:
+def load_runner(settings: Settings) -> ModelRunner:
     """Load the configured model; runs on the worker thread, and is where torch is first imported."""
     from stable_diffusion.pipeline_initialization import load_pipelines
-    from stable_diffusion.pipeline_service import Generator as PipelineGenerator
+    from stable_diffusion.pipeline_runner import PipelineRunner
 
-    return PipelineGenerator(
+    return PipelineRunner(
         load_pipelines(model_config(settings)),
         max_batch=settings.batch_size,
         warm_up_sizes=settings.warm_up_sizes or ((settings.default_resolution,) * 2,),

@@ -1,19 +1,23 @@
-"""From validated fields and a decoded upload to the generator's request, and from its result to the file
+"""From validated fields and a decoded upload to the model runner's request, and from its result to the file
 returned: a PNG carrying its recipe (also in AUTOMATIC1111's text form) or a GIF."""
 
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from service.fields import MAX_SEED
-from stable_diffusion.errors import InvalidField
+from service.errors import InvalidField
+from service.fields import with_seed
+from service.interface import RenderedOutput
 from stable_diffusion.gif_creator import encode_gif, make_progress_gif
 from stable_diffusion.image_processing import DecodedImage, encode_png, make_control_images
 from stable_diffusion.recipe import SAMPLERS, AppliedLora, GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:
+    from service.worker import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ def build_request(request_id: str, fields: BaseModel, upload: DecodedImage) -> G
     control_images = make_control_images(
         upload, fields.resolution, fields.low_threshold, fields.high_threshold
     )
-    seed = fields.seed if fields.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    seed = with_seed(fields).seed
     return GenerationRequest(
         request_id=request_id,
         control_images=tuple(control_images),
@@ -56,6 +60,17 @@ def format_loras(loras: tuple[tuple[str, float], ...]) -> str:
 
 
 def render_output(
+    request: GenerationRequest, result: GenerationResult, upload: DecodedImage, runner: ModelRunner, stem: str,
+    worker: str,
+) -> RenderedOutput:
+    """The file a generation gives its caller, named `stem` and the file type (wherever it ran: `worker`)."""
+    rendered = _render(request, result, upload, runner.model_name, runner.model_hash)
+    return RenderedOutput(
+        rendered.data, rendered.mimetype, f"{stem}.{rendered.extension}", result.seconds, worker, len(result.images)
+    )
+
+
+def _render(
     request: GenerationRequest,
     result: GenerationResult,
     upload: DecodedImage,

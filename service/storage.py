@@ -10,7 +10,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from stable_diffusion.errors import StorageFull
+from service.errors import StorageFull
 
 # What new_file_stem makes, and the files the service names after it.
 STEM = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")

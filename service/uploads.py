@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from service.errors import DecodersBusy, ServiceError
 from service.rendering import build_request
 from service.storage import new_file_stem, write_atomically
-from stable_diffusion.errors import DecodersBusy, ServiceError
 from stable_diffusion.image_processing import (
     FILE_EXTENSIONS,
     DecodedImage,

@@ -1,13 +1,12 @@
-"""The one thread that owns the GPU: it loads the generator, then serves a bounded queue of generation
+"""The one thread that owns the GPU: it loads the model runner, then serves a bounded queue of generation
 requests in batches. Each request's future is answered once its result is finished (rendered and saved)
 on a small pool beside that thread, so that the GPU never waits for PNG encoding or the disk.
 
-It imports no torch: the generator comes from the `load` function it is given."""
+It imports no torch: the model runner comes from the `load` function it is given."""
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import threading
 import time
@@ -18,15 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.admission import FIRST_GUESS_S, key_share_used, queue_full, running_average
+from service.errors import GenerationCanceled, GenerationFailed, ModelNotReady, ServiceError
 from service.interface import Generated, ResultObserver, ServiceState
-from stable_diffusion.errors import (
-    GenerationCanceled,
-    GenerationFailed,
-    ModelNotReady,
-    QueueFull,
-    ServiceError,
-    TooManyRequests,
-)
 from stable_diffusion.recipe import Canceled, EventHandler, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -34,8 +27,8 @@ log = logging.getLogger(__name__)
 FINISHERS = 4
 
 
-class Generator(Protocol):
-    """What the worker runs: stable_diffusion.pipeline_service.Generator, or a test's stand-in."""
+class ModelRunner(Protocol):
+    """What the GPU thread runs: stable_diffusion.pipeline_runner.PipelineRunner, or a test's stand-in."""
 
     model_name: str
     model_hash: str | None
@@ -56,7 +49,7 @@ def unchanged(result: GenerationResult) -> GenerationResult:
 class GenerationWorker:
     def __init__(
         self,
-        load: Callable[[], Generator],
+        load: Callable[[], ModelRunner],
         queue_size: int,
         on_load_failed: Callable[[Exception], None] | None = None,
         max_per_owner: int | None = None,
@@ -66,7 +59,7 @@ class GenerationWorker:
         self.state = ServiceState.LOADING
         self.load_error: Exception | None = None
         self._load, self._on_load_failed = load, on_load_failed
-        self._generator: Generator | None = None
+        self._runner: ModelRunner | None = None
         self._loaded = threading.Event()
         # Waiting requests, oldest first, and the per-key counts: the condition guards both and wakes
         # the worker thread.
@@ -79,7 +72,7 @@ class GenerationWorker:
         # Queued or running requests per owner (API key), so that one client cannot fill the queue.
         self._max_per_owner = max_per_owner or sys.maxsize
         self._per_owner: Counter[str] = Counter()
-        self._average_seconds = 1.0
+        self._average_seconds = FIRST_GUESS_S
         # Running requests asked to stop: their next event raises GenerationCanceled.
         self._cancel_requested: set[str] = set()
         self._finisher = ThreadPoolExecutor(FINISHERS, thread_name_prefix="generation-finisher")
@@ -87,10 +80,10 @@ class GenerationWorker:
         self._thread.start()
 
     @property
-    def generator(self) -> Generator:
-        if self._generator is None:
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
             raise ModelNotReady(self.state.not_ready_message, retry_after=5)
-        return self._generator
+        return self._runner
 
     @property
     def queue_depth(self) -> int:
@@ -149,20 +142,11 @@ class GenerationWorker:
             raise ModelNotReady(self.state.not_ready_message)
         self._check_owner(owner)
         if len(self._pending) >= self._queue_size:
-            wait = max(1, math.ceil(self._average_seconds * self._queue_size / self._max_batch))
-            raise QueueFull(
-                f"The generation queue is full ({self._queue_size} waiting); retry in about {wait} s.",
-                retry_after=wait,
-            )
+            raise queue_full(self._queue_size, self._average_seconds * self._queue_size / self._max_batch)
 
     def _check_owner(self, owner: str) -> None:
         if self._per_owner[owner] >= self._max_per_owner:
-            wait = max(1, math.ceil(self._average_seconds))
-            raise TooManyRequests(
-                f"This API key already has {self._per_owner[owner]} requests queued or running, the most "
-                f"one key may have (MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
-                retry_after=wait,
-            )
+            raise key_share_used(self._per_owner[owner], self._average_seconds)
 
     def _release(self, owner: str, item: _Item | None = None) -> None:
         """When a request ends, its key's count drops; a request canceled while queued (a job's cancel,
@@ -199,11 +183,11 @@ class GenerationWorker:
     def _run(self) -> None:
         # Loading here, on the thread that runs every generation, keeps all torch work on one thread.
         try:
-            self._generator = self._load()
+            self._runner = self._load()
             self.state = ServiceState.WARMING_UP
-            self._generator.warm_up()
+            self._runner.warm_up()
         except Exception as exc:
-            self._generator = None
+            self._runner = None
             self.state, self.load_error = ServiceState.FAILED, exc
             self._loaded.set()
             self._fail_queued()
@@ -253,11 +237,11 @@ class GenerationWorker:
         if len(batch) > 1:
             log.info("requests %s share one run", names)
         try:
-            outcomes = self._generator.run_batch(
+            outcomes = self._runner.run_batch(
                 [item.request for item in batch], [self._events_of(item) for item in batch]
             )
         except ServiceError as error:
-            # Out of GPU memory: the generator said so in a message for the caller.
+            # Out of GPU memory: the model runner said so in a message for the caller.
             outcomes = [error] * len(batch)
         except Exception as exc:
             log.exception("requests %s: generation failed", names)
@@ -270,7 +254,7 @@ class GenerationWorker:
             if isinstance(outcome, Exception):
                 item.future.set_exception(outcome)
                 continue
-            self._average_seconds = 0.8 * self._average_seconds + 0.2 * outcome.seconds
+            self._average_seconds = running_average(self._average_seconds, outcome.seconds)
             for observer in self._observers:
                 try:
                     observer(Generated(outcome.seconds, len(outcome.images)))

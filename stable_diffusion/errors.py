@@ -1,4 +1,5 @@
-"""Failures the service reports to its callers, each carrying the HTTP status it maps to."""
+"""The failures the model layer raises, each carrying the HTTP status it maps to (the service layer's own are in
+service/errors.py), and the error of a model that cannot load."""
 
 from __future__ import annotations
 
@@ -18,32 +19,8 @@ class InvalidField(ServiceError):
     status = 400
 
 
-class Unauthorized(ServiceError):
-    status = 401
-
-
-class PayloadTooLarge(ServiceError):
-    status = 413
-
-
 class UnsupportedImage(ServiceError):
     status = 415
-
-
-class TooManyRequests(ServiceError):
-    status = 429
-
-
-class QueueFull(ServiceError):
-    status = 503
-
-
-class ModelNotReady(ServiceError):
-    status = 503
-
-
-class DecodersBusy(ServiceError):
-    status = 503
 
 
 class GenerationOutOfMemory(ServiceError):
@@ -54,30 +31,6 @@ class GenerationCanceled(ServiceError):
     """Raised inside a run whose job was canceled; the worker stops it at the next step."""
 
     status = 409
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class Conflict(ServiceError):
-    status = 409
-
-
-class Gone(ServiceError):
-    status = 410
-
-
-class GenerationFailed(ServiceError):
-    status = 500
-
-
-class GenerationTimeout(ServiceError):
-    status = 504
-
-
-class StorageFull(ServiceError):
-    status = 507
 
 
 class ModelLoadError(Exception):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 # The samplers a request may name, with the label AUTOMATIC1111 writes for each (its `Sampler:` field).
-# pipeline_service.py maps the same names to diffusers' scheduler classes.
+# pipeline_runner.py maps the same names to diffusers' scheduler classes.
 SAMPLERS = {
     "unipc": "UniPC",
     "dpmpp_2m": "DPM++ 2M",

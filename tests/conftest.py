@@ -21,7 +21,7 @@ from service.local import LocalGenerationService, model_config
 from service.settings import REPO_ROOT, Settings
 from service.worker import GenerationWorker
 from stable_diffusion.pipeline_initialization import build_tiny_pipeline, load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from tests.doubles import Gated
 from tests.model_files import write_kohya_lora
 
@@ -55,7 +55,7 @@ def tiny_settings(folder: Path, **overrides: str) -> Settings:
 
 
 @contextmanager
-def serving(settings: Settings, service: Generator, **worker_options) -> Iterator[FlaskClient]:
+def serving(settings: Settings, service: PipelineRunner, **worker_options) -> Iterator[FlaskClient]:
     """A test client of an app whose worker runs `service`. On the way out a Gated service's gate is
     opened, so that the worker can finish its queue and stop."""
     worker = GenerationWorker(lambda: service, settings.queue_size, **worker_options)
@@ -94,14 +94,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def pipeline_service(tmp_path_factory) -> Generator:
+def pipeline_runner(tmp_path_factory) -> PipelineRunner:
     folder = tmp_path_factory.mktemp("session")
-    return Generator(load_pipelines(model_config(tiny_settings(folder))))
+    return PipelineRunner(load_pipelines(model_config(tiny_settings(folder))))
 
 
 @pytest.fixture
-def worker(pipeline_service: Generator, settings: Settings):
-    worker = GenerationWorker(lambda: pipeline_service, settings.queue_size)
+def worker(pipeline_runner: PipelineRunner, settings: Settings):
+    worker = GenerationWorker(lambda: pipeline_runner, settings.queue_size)
     yield worker
     worker.close(timeout=60)
 

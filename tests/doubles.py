@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from stable_diffusion.recipe import GenerationEvent, Stepped
 
 
@@ -18,11 +18,11 @@ def recording(progress: list) -> object:
     return lambda event: progress.append(steps_of(event))
 
 
-class Gated(Generator):
+class Gated(PipelineRunner):
     """Each run, once started, waits before its first step until `open()`; `started` is set when a run
     reaches the gate."""
 
-    def __init__(self, service: Generator) -> None:
+    def __init__(self, service: PipelineRunner) -> None:
         self.__dict__.update(service.__dict__)
         self.gate = threading.Event()
         self.started = threading.Event()

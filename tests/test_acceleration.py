@@ -18,7 +18,7 @@ from PIL import Image
 
 from service.local import model_config
 from stable_diffusion.pipeline_initialization import load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from tests.conftest import API_KEY, LiveServer, tiny_settings
 from tests.images import png_bytes
 from tests.test_batching import assert_same_picture
@@ -27,29 +27,29 @@ from tests.test_models import edge_request
 KEY = {"x-api-key": API_KEY}
 
 
-def test_every_attention_layer_uses_pytorchs_fused_attention(pipeline_service):
-    pipe = pipeline_service.pipelines.generate
+def test_every_attention_layer_uses_pytorchs_fused_attention(pipeline_runner):
+    pipe = pipeline_runner.pipelines.generate
     for model in (pipe.unet, pipe.controlnet, pipe.vae):
         assert model.attn_processors
         assert all(isinstance(processor, AttnProcessor2_0) for processor in model.attn_processors.values())
-    assert pipeline_service.describe()["attention"] == "sdpa"
+    assert pipeline_runner.describe()["attention"] == "sdpa"
 
 
-def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture(tmp_path, pipeline_service):
-    assert pipeline_service.describe()["channels_last"] is False
+def test_channels_last_is_off_on_the_cpu_unless_asked_and_gives_the_same_picture(tmp_path, pipeline_runner):
+    assert pipeline_runner.describe()["channels_last"] is False
     settings = tiny_settings(tmp_path, CHANNELS_LAST="on")
-    channels_last = Generator(load_pipelines(model_config(settings)))
+    channels_last = PipelineRunner(load_pipelines(model_config(settings)))
     assert channels_last.describe()["channels_last"] is True
     weight = channels_last.pipelines.generate.unet.conv_in.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     request = edge_request(seed=11)
-    assert_same_picture(channels_last.run(request).images[0], pipeline_service.run(request).images[0])
+    assert_same_picture(channels_last.run(request).images[0], pipeline_runner.run(request).images[0])
 
 
-def test_without_compile_or_gpu_there_is_no_warm_up(pipeline_service):
-    pipeline_service.warm_up()
-    assert pipeline_service.describe()["warm_up_seconds"] is None
-    assert pipeline_service.describe()["warm_up_sizes"] == []
+def test_without_compile_or_gpu_there_is_no_warm_up(pipeline_runner):
+    pipeline_runner.warm_up()
+    assert pipeline_runner.describe()["warm_up_seconds"] is None
+    assert pipeline_runner.describe()["warm_up_sizes"] == []
 
 
 def test_a_lora_batch_runs_the_unet_uncompiled_and_the_next_plain_batch_compiled_again(
@@ -68,7 +68,7 @@ def test_a_lora_batch_runs_the_unet_uncompiled_and_the_next_plain_batch_compiled
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     settings = tiny_settings(tmp_path, TORCH_COMPILE="default", LORA_DIR=lora_server.environment["LORA_DIR"])
-    generator = Generator(load_pipelines(model_config(settings)))
+    generator = PipelineRunner(load_pipelines(model_config(settings)))
 
     def compiled_unet_calls(request) -> int:
         before = calls["UNet2DConditionModel"]

@@ -10,7 +10,7 @@ import pytest
 
 from service.worker import GenerationWorker
 from stable_diffusion.errors import GenerationCanceled
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from stable_diffusion.recipe import Canceled
 from tests.doubles import Gated, recording, steps_of
 from tests.figures import record
@@ -34,10 +34,10 @@ def assert_same_picture(batched, alone) -> None:
     assert difference.max() <= 3 and difference.mean() < 0.2, (difference.max(), difference.mean())
 
 
-def test_a_batched_result_equals_the_same_request_run_alone(pipeline_service):
+def test_a_batched_result_equals_the_same_request_run_alone(pipeline_runner):
     requests = [edge_request(request_id=f"r{index}", **values) for index, values in enumerate(DIFFERENT)]
-    batched = pipeline_service.run_batch(requests, [None] * len(requests))
-    alone = [pipeline_service.run(request) for request in requests]
+    batched = pipeline_runner.run_batch(requests, [None] * len(requests))
+    alone = [pipeline_runner.run(request) for request in requests]
     for together, single in zip(batched, alone, strict=True):
         assert_same_picture(together.images[0], single.images[0])
     # ...and the per-sample values did act: no two pictures alike.
@@ -59,10 +59,10 @@ CANCEL_CASES = [
 
 
 @pytest.fixture(scope="module")
-def alone(pipeline_service):
+def alone(pipeline_runner):
     """The neighbour's picture run alone, once per refine strength."""
     return {
-        strength: pipeline_service.run(edge_request(request_id="keep", seed=5, refine_strength=strength)).images[0]
+        strength: pipeline_runner.run(edge_request(request_id="keep", seed=5, refine_strength=strength)).images[0]
         for strength in (0.0, 0.5)
     }
 
@@ -71,7 +71,7 @@ def alone(pipeline_service):
     ("neighbour", "refine", "when", "canceled_first"), CANCEL_CASES,
     ids=[f"neighbour{n}-refine{r}-{w.replace(' ', '_')}-{'first' if f else 'last'}" for n, r, w, f in CANCEL_CASES],
 )
-def test_a_canceled_request_drops_out_and_only_it(pipeline_service, alone, neighbour, refine, when, canceled_first):
+def test_a_canceled_request_drops_out_and_only_it(pipeline_runner, alone, neighbour, refine, when, canceled_first):
     keep = edge_request(request_id="keep", seed=5, refine_strength=neighbour)
     drop = edge_request(request_id="drop", seed=6, refine_strength=refine)
     seen = []
@@ -85,7 +85,7 @@ def test_a_canceled_request_drops_out_and_only_it(pipeline_service, alone, neigh
     progress = []
     batch = [("keep", keep, recording(progress)), ("drop", drop, cancel)]
     names, requests, on_steps = zip(*(batch[::-1] if canceled_first else batch), strict=True)
-    outcomes = dict(zip(names, pipeline_service.run_batch(list(requests), list(on_steps)), strict=True))
+    outcomes = dict(zip(names, pipeline_runner.run_batch(list(requests), list(on_steps)), strict=True))
     assert isinstance(outcomes["drop"], Canceled)
     assert seen[-1] == CANCEL_AT[when], "the canceled request was told of steps after it canceled"
     # The neighbour finishes as if it had run alone, whatever its companion did.
@@ -97,7 +97,7 @@ def test_a_canceled_request_drops_out_and_only_it(pipeline_service, alone, neigh
 
 
 @pytest.mark.parametrize("scheduler", ["unipc", "dpmpp_2m", "euler_a", "euler", "ddim"])
-def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_service, scheduler):
+def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_runner, scheduler):
     # Of 10 steps, refinement runs the last 5, 3, 8 and 0 (none); ControlNet windows are shares of those.
     values = [
         {"refine_strength": 0.5, "seed": 1},
@@ -108,11 +108,11 @@ def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_
     requests = [edge_request(request_id=f"r{i}", steps=10, scheduler=scheduler, **v) for i, v in enumerate(values)]
     progress = [[] for _ in requests]
     unet_batches = []
-    hook = pipeline_service.pipelines.generate.unet.register_forward_hook(
+    hook = pipeline_runner.pipelines.generate.unet.register_forward_hook(
         lambda module, args, output: unet_batches.append(args[0].shape[0])
     )
     try:
-        batched = pipeline_service.run_batch(
+        batched = pipeline_runner.run_batch(
             requests, [recording(seen) for seen in progress]
         )
     finally:
@@ -123,13 +123,13 @@ def test_different_refine_strengths_refine_in_one_run_each_as_if_alone(pipeline_
         total = request.steps + request.refine_steps
         assert seen == [(done, total) for done in range(total + 1)]
     for request, together in zip(requests, batched, strict=True):
-        assert_same_picture(together.images[0], pipeline_service.run(request).images[0])
+        assert_same_picture(together.images[0], pipeline_runner.run(request).images[0])
 
 
 class CountingBatches(Gated):
     """Records the request ids of every batch; runs start at once unless `gated` (then at `open()`)."""
 
-    def __init__(self, service: Generator, gated: bool = False) -> None:
+    def __init__(self, service: PipelineRunner, gated: bool = False) -> None:
         super().__init__(service)
         self.batches: list[list[str]] = []
         self.started_at: list[float] = []
@@ -142,8 +142,8 @@ class CountingBatches(Gated):
         return super().run_batch(requests, on_events)
 
 
-def run_through_worker(pipeline_service, requests, **options) -> list[list[str]]:
-    service = CountingBatches(pipeline_service)
+def run_through_worker(pipeline_runner, requests, **options) -> list[list[str]]:
+    service = CountingBatches(pipeline_runner)
     worker = GenerationWorker(lambda: service, queue_size=16, **options)
     try:
         assert worker.wait_until_loaded(30)
@@ -155,44 +155,44 @@ def run_through_worker(pipeline_service, requests, **options) -> list[list[str]]
     return service.batches
 
 
-def test_the_worker_batches_queued_requests_that_can_share_a_run(pipeline_service):
+def test_the_worker_batches_queued_requests_that_can_share_a_run(pipeline_runner):
     requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(3)]
     other_steps = edge_request(request_id="b", steps=6)
-    batches = run_through_worker(pipeline_service, [*requests, other_steps], max_batch=8, batch_wait_s=0.5)
+    batches = run_through_worker(pipeline_runner, [*requests, other_steps], max_batch=8, batch_wait_s=0.5)
     assert batches == [["a0", "a1", "a2"], ["b"]]
 
 
-def test_a_batch_holds_at_most_max_batch_pictures(pipeline_service):
+def test_a_batch_holds_at_most_max_batch_pictures(pipeline_runner):
     requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(5)]
-    batches = run_through_worker(pipeline_service, requests, max_batch=2, batch_wait_s=0.5)
+    batches = run_through_worker(pipeline_runner, requests, max_batch=2, batch_wait_s=0.5)
     assert batches == [["a0", "a1"], ["a2", "a3"], ["a4"]]
 
 
-def test_batching_off_runs_one_request_at_a_time(pipeline_service):
+def test_batching_off_runs_one_request_at_a_time(pipeline_runner):
     requests = [edge_request(request_id=f"a{index}", seed=index) for index in range(3)]
-    assert run_through_worker(pipeline_service, requests, max_batch=1) == [["a0"], ["a1"], ["a2"]]
+    assert run_through_worker(pipeline_runner, requests, max_batch=1) == [["a0"], ["a1"], ["a2"]]
 
 
-def test_gif_frames_share_one_run_and_each_equals_its_frame_run_alone(pipeline_service):
+def test_gif_frames_share_one_run_and_each_equals_its_frame_run_alone(pipeline_runner):
     frames = edge_request().control_images[0], edge_request().control_images[0].rotate(180)
     gif = edge_request(request_id="gif", control_images=frames, seed=4)
     unet_batches = []
-    hook = pipeline_service.pipelines.generate.unet.register_forward_hook(
+    hook = pipeline_runner.pipelines.generate.unet.register_forward_hook(
         lambda module, args, output: unet_batches.append(args[0].shape[0])
     )
     try:
-        together = pipeline_service.run(gif)
+        together = pipeline_runner.run(gif)
     finally:
         hook.remove()
     # Both frames, conditional and unconditional, at every step of both passes.
     assert set(unet_batches) == {2 * len(frames)}
     for frame, image in zip(frames, together.images, strict=True):
-        alone = pipeline_service.run(edge_request(request_id="frame", control_images=(frame,), seed=4))
+        alone = pipeline_runner.run(edge_request(request_id="frame", control_images=(frame,), seed=4))
         assert_same_picture(image, alone.images[0])
 
 
-def test_a_request_that_cannot_join_is_not_overtaken_by_later_ones_that_can(pipeline_service):
-    service = CountingBatches(pipeline_service, gated=True)
+def test_a_request_that_cannot_join_is_not_overtaken_by_later_ones_that_can(pipeline_runner):
+    service = CountingBatches(pipeline_runner, gated=True)
     worker = GenerationWorker(lambda: service, queue_size=16, max_batch=8, batch_wait_s=0.2)
     try:
         assert worker.wait_until_loaded(30)
@@ -209,9 +209,9 @@ def test_a_request_that_cannot_join_is_not_overtaken_by_later_ones_that_can(pipe
     assert service.batches == [["a0"], ["b"], ["a1", "a2"]]
 
 
-def test_companions_are_awaited_at_most_the_wait_bound_however_many_others_arrive(pipeline_service):
+def test_companions_are_awaited_at_most_the_wait_bound_however_many_others_arrive(pipeline_runner):
     wait = 1.5
-    service = CountingBatches(pipeline_service)
+    service = CountingBatches(pipeline_runner)
     worker = GenerationWorker(lambda: service, queue_size=16, max_batch=8, batch_wait_s=wait)
     try:
         assert worker.wait_until_loaded(30)

@@ -17,7 +17,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service.settings import REPO_ROOT
-from stable_diffusion.pipeline_service import SCHEDULERS
+from stable_diffusion.pipeline_runner import SCHEDULERS
 from tests.conftest import API_KEY
 from tests.images import drawing, encode, png_bytes
 

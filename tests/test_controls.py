@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion.pipeline_service import SCHEDULERS
+from stable_diffusion.pipeline_runner import SCHEDULERS
 from tests.conftest import API_KEY
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
 from tests.test_generate_api import assert_error, post_generate

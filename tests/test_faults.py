@@ -20,6 +20,7 @@ from tests.figures import record
 from tests.images import png_bytes
 from tests.test_generate_api import assert_error, files_in, post_generate
 from tests.test_jobs import submit, wait_for
+from web.parts import get_jobs
 
 KEY = {"x-api-key": API_KEY}
 
@@ -102,7 +103,7 @@ def test_a_full_disk_under_the_jobs_database_is_507_and_recovers(worker, tmp_pat
         filler.unlink()
         wait_for(client, submit(client).get_json()["id"], "succeeded")
     finally:
-        client.application.extensions["jobs"].close()  # lets the tmpfs be unmounted
+        get_jobs(client.application).close()  # lets the tmpfs be unmounted
     record(faults_injected=1, faults_survived=1)
 
 
@@ -154,7 +155,7 @@ def _job(server: LiveServer) -> str:
     return response.json()["id"]
 
 
-def test_sigterm_stops_accepting_finishes_work_in_flight_and_exits_0(tmp_path):
+def test_sigterm_finishes_work_in_flight_and_exits_0_and_jobs_outlive_it_and_a_crash(tmp_path):
     server = LiveServer(tmp_path, SHUTDOWN_GRACE_S="60")
     server.wait_until_healthy()
     verify = str(server.cert)
@@ -193,11 +194,36 @@ def test_sigterm_stops_accepting_finishes_work_in_flight_and_exits_0(tmp_path):
     assert answers and answers[0].status_code == 200 and answers[0].headers["Content-Type"] == "image/png"
     server.log.close()
 
+    # Started again on the same folders: the job finished, and so it stays. Then a crash (every process
+    # SIGKILLed) in the middle of another job: the next start keeps the finished one, picture and all, and
+    # says of the other that it stopped before it finished.
     again = LiveServer(tmp_path)
     try:
         again.wait_until_healthy()
-        finished = requests.get(f"{again.url}/jobs/{job}", headers=KEY, verify=verify, timeout=10).json()
+        status_url = f"{again.url}/jobs/{job}"
+        finished = requests.get(status_url, headers=KEY, verify=verify, timeout=10).json()
         assert finished["status"] == "succeeded", finished
+        picture = requests.get(f"{status_url}/result", headers=KEY, verify=verify, timeout=10).content
+        interrupted = requests.post(
+            f"{again.url}/jobs", headers=KEY, files={"image": ("p.png", png_bytes())},
+            data={"prompt": "a long one", "steps": "100", "resolution": "256"}, verify=verify, timeout=30,
+        ).json()["id"]
+        deadline = time.monotonic() + 60
+        while requests.get(f"{again.url}/jobs/{interrupted}", headers=KEY, verify=verify,
+                           timeout=10).json()["progress"]["step"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
-        again.stop()
-    record(faults_injected=1, faults_survived=1)
+        again.kill()
+    after_the_crash = LiveServer(tmp_path)
+    try:
+        after_the_crash.wait_until_healthy()
+        url = after_the_crash.url
+        assert requests.get(f"{url}/jobs/{job}", headers=KEY, verify=verify, timeout=10).json()["status"] == "succeeded"
+        assert requests.get(f"{url}/jobs/{job}/result", headers=KEY, verify=verify, timeout=10).content == picture
+        stopped = requests.get(f"{url}/jobs/{interrupted}", headers=KEY, verify=verify, timeout=10).json()
+        assert stopped["status"] == "failed" and "stopped before this job finished" in stopped["error"], stopped
+        assert stopped["finished_at"] is not None
+    finally:
+        after_the_crash.stop()
+    record(faults_injected=2, faults_survived=2)

@@ -19,7 +19,7 @@ from app import create_app
 from service.fields import generate_fields_model
 from service.local import LocalGenerationService
 from service.settings import REPO_ROOT
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from tests.conftest import API_KEY, SECOND_KEY, serving, tiny_settings
 from tests.figures import record
 from tests.images import animated_gif_bytes, drawing, encode, png_bytes
@@ -242,10 +242,10 @@ def test_upload_over_the_size_limit_is_413(tmp_path, worker):
     assert_error(post_generate(client, b"\0" * 400_000), 413, "0.01 MB", "MAX_UPLOAD_MB")
 
 
-class FailingOnce(Generator):
+class FailingOnce(PipelineRunner):
     """The GPU edge, faulted: the first run raises `error`, later runs generate normally."""
 
-    def __init__(self, service: Generator, error: Exception) -> None:
+    def __init__(self, service: PipelineRunner, error: Exception) -> None:
         self.__dict__.update(service.__dict__)
         self.error = error
 
@@ -263,8 +263,8 @@ class FailingOnce(Generator):
         (torch.OutOfMemoryError("CUDA out of memory"), 503, ["ran out of memory", "lower resolution"]),
     ],
 )
-def test_failed_generation_is_json_and_the_next_request_succeeds(pipeline_service, settings, error, status, words):
-    with serving(settings, FailingOnce(pipeline_service, error)) as client:
+def test_failed_generation_is_json_and_the_next_request_succeeds(pipeline_runner, settings, error, status, words):
+    with serving(settings, FailingOnce(pipeline_runner, error)) as client:
         failed = post_generate(client, png_bytes())
         assert_error(failed, status, *words)
         assert "/secret/path" not in failed.get_data(as_text=True)

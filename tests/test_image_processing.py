@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from service.errors import DecodersBusy
 from service.uploads import DecodeSlots
-from stable_diffusion.errors import DecodersBusy, InvalidField, UnsupportedImage
+from stable_diffusion.errors import InvalidField, UnsupportedImage
 from stable_diffusion.image_processing import DecodeLimits, decode_upload, fit_size, make_canny_edges
 from tests.images import animated_gif_bytes, drawing, encode
 

@@ -47,9 +47,9 @@ def read_events(client, job_id: str, headers=KEY) -> list[tuple[str, dict]]:
 
 
 @pytest.fixture
-def gated(pipeline_service, settings):
+def gated(pipeline_runner, settings):
     """An app whose worker holds every run at its start until the test opens the gate."""
-    service = Gated(pipeline_service)
+    service = Gated(pipeline_runner)
     with serving(settings, service) as client:
         yield client, service
 
@@ -154,8 +154,8 @@ def test_canceling_a_running_job_stops_it_at_its_next_step(client):
     wait_for(client, submit(client).get_json()["id"], "succeeded")
 
 
-def test_a_key_canceling_its_job_leaves_the_other_keys_job_in_the_same_batch_succeeding(pipeline_service, settings):
-    service = Gated(pipeline_service)
+def test_a_key_canceling_its_job_leaves_the_other_keys_job_in_the_same_batch_succeeding(pipeline_runner, settings):
+    service = Gated(pipeline_runner)
     with serving(settings, service, max_batch=2, batch_wait_s=5) as client:
         # One batch: their job refines, mine does not; theirs is held before its first step.
         theirs = submit(client, headers=OTHER_KEY, refine_strength="0.5").get_json()["id"]
@@ -171,8 +171,8 @@ def test_a_key_canceling_its_job_leaves_the_other_keys_job_in_the_same_batch_suc
         assert response.mimetype == "image/png" and Image.open(io.BytesIO(response.data)).size == (64, 48)
 
 
-def test_a_full_queue_answers_503_with_retry_after(pipeline_service, tmp_path):
-    service = Gated(pipeline_service)
+def test_a_full_queue_answers_503_with_retry_after(pipeline_runner, tmp_path):
+    service = Gated(pipeline_runner)
     with serving(tiny_settings(tmp_path, QUEUE_SIZE="1"), service) as client:
         running = submit(client).get_json()["id"]
         assert service.started.wait(30)
@@ -221,9 +221,9 @@ def test_a_bad_job_is_refused_before_anything_is_queued_or_written(client, setti
     assert files_in(settings.input_dir) == [] and files_in(settings.output_dir) == []
 
 
-def test_finished_jobs_and_their_files_go_after_the_retention_period(pipeline_service, tmp_path):
+def test_finished_jobs_and_their_files_go_after_the_retention_period(pipeline_runner, tmp_path):
     settings = tiny_settings(tmp_path, JOB_RETENTION_S="1")
-    with serving(settings, pipeline_service) as client:
+    with serving(settings, pipeline_runner) as client:
         job_id = submit(client).get_json()["id"]
         wait_for(client, job_id, "succeeded")
         assert len(files_in(settings.output_dir)) == 1

@@ -72,8 +72,8 @@ def test_rate_limit_zero_turns_it_off(worker, tmp_path):
 
 
 @pytest.fixture
-def capped(pipeline_service, tmp_path):
-    service = Gated(pipeline_service)
+def capped(pipeline_runner, tmp_path):
+    service = Gated(pipeline_runner)
     with serving(tiny_settings(tmp_path, QUEUE_SIZE="6"), service, max_per_owner=2) as client:
         yield client, service
 
@@ -112,8 +112,8 @@ def test_a_key_over_its_share_is_refused_before_its_upload_is_decoded(capped):
     assert preprocess(client, OTHER).status_code == 200
 
 
-def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_service, tmp_path):
-    service = Gated(pipeline_service)
+def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_runner, tmp_path):
+    service = Gated(pipeline_runner)
     with serving(tiny_settings(tmp_path, QUEUE_SIZE="1"), service) as client:
         assert submit(client).status_code == 202
         assert service.started.wait(30)
@@ -121,8 +121,8 @@ def test_a_full_queue_is_refused_before_the_upload_is_decoded(pipeline_service, 
         assert_error(post_generate(client, CORRUPT_PNG, headers=OTHER), 503, "queue is full")
 
 
-def test_a_generate_that_times_out_while_running_stops_and_saves_nothing(pipeline_service, tmp_path):
-    service = Gated(pipeline_service)
+def test_a_generate_that_times_out_while_running_stops_and_saves_nothing(pipeline_runner, tmp_path):
+    service = Gated(pipeline_runner)
     settings = tiny_settings(tmp_path, GENERATION_TIMEOUT_S="1")
     with serving(settings, service) as client:
         # The run starts and waits at the gate; its client gives up after a second.
@@ -136,8 +136,8 @@ def test_a_generate_that_times_out_while_running_stops_and_saves_nothing(pipelin
         assert sorted(path.name for path in settings.output_dir.iterdir()) == [saved]
 
 
-def test_canceled_and_timed_out_requests_give_their_queue_places_back_at_once(pipeline_service, tmp_path):
-    service = Gated(pipeline_service)
+def test_canceled_and_timed_out_requests_give_their_queue_places_back_at_once(pipeline_runner, tmp_path):
+    service = Gated(pipeline_runner)
     settings = tiny_settings(tmp_path, QUEUE_SIZE="4", GENERATION_TIMEOUT_S="1")
     with serving(settings, service, max_per_owner=2) as client:
         running = submit(client).get_json()["id"]

@@ -1,4 +1,5 @@
-"""Jobs against a real `python app.py` over HTTPS: restarts, and the command-line and Python client."""
+"""Jobs against a real `python app.py` over HTTPS: the command-line and Python client (restarts and crashes:
+test_faults.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from service.settings import REPO_ROOT
 from stable_diffusion.client import ApiError, Client
-from tests.conftest import API_KEY, LiveServer, free_port
+from tests.conftest import API_KEY, free_port
 from tests.images import png_bytes
 from web.tls import ensure_certificate
 
@@ -25,33 +26,6 @@ def wait_for(client: Client, job_id: str, done, timeout: float = 60) -> dict:
         assert time.monotonic() < deadline, job
         time.sleep(0.1)
     return job
-
-
-def test_finished_jobs_survive_a_crash_and_unfinished_ones_come_back_failed(tmp_path):
-    first = LiveServer(tmp_path)
-    try:
-        first.wait_until_healthy()
-        client = Client(first.url, API_KEY, verify=str(first.cert))
-        finished = client.submit(png_bytes(), "a quiet harbour", seed=11)["id"]
-        wait_for(client, finished, lambda job: job["status"] == "succeeded")
-        picture = client.result(finished)
-        interrupted = client.submit(png_bytes(), "a long one", steps=100, resolution=256)["id"]
-        wait_for(client, interrupted, lambda job: job["progress"]["step"] >= 1)
-    finally:
-        first.kill()
-
-    second = LiveServer(tmp_path)
-    try:
-        second.wait_until_healthy()
-        client = Client(second.url, API_KEY, verify=str(second.cert))
-        assert client.status(finished)["status"] == "succeeded"
-        assert client.result(finished) == picture
-        job = client.status(interrupted)
-        assert job["status"] == "failed"
-        assert "stopped before this job finished" in job["error"]
-        assert job["finished_at"] is not None
-    finally:
-        second.stop()
 
 
 def run_client(live_server, *arguments: str, command: str = "generate") -> subprocess.CompletedProcess:

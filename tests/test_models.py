@@ -20,7 +20,7 @@ from stable_diffusion.pipeline_initialization import (
     resolve_dtype,
     save_tiny_model,
 )
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from stable_diffusion.recipe import GenerationRequest
 from tests.conftest import tiny_environment
 from tests.doubles import recording
@@ -33,45 +33,45 @@ def edge_request(**overrides) -> GenerationRequest:
     return GenerationRequest(**(fields | overrides))
 
 
-def test_tiny_model_saved_to_folders_loads_back_and_generates_the_same_pixels(tmp_path, pipeline_service):
+def test_tiny_model_saved_to_folders_loads_back_and_generates_the_same_pixels(tmp_path, pipeline_runner):
     sd_folder, controlnet_folder = save_tiny_model(tmp_path / "weights")
     assert (sd_folder / "model_index.json").is_file() and (controlnet_folder / "config.json").is_file()
     settings = Settings.load(
         env_file=None,
         environ=tiny_environment(tmp_path, SD_MODEL=str(sd_folder), CONTROLNET_MODEL=str(controlnet_folder)),
     )
-    loaded = Generator(load_pipelines(model_config(settings)))
+    loaded = PipelineRunner(load_pipelines(model_config(settings)))
     assert loaded.model_name == f"{sd_folder} + {controlnet_folder}"
-    built = pipeline_service.run(edge_request()).images[0]
+    built = pipeline_runner.run(edge_request()).images[0]
     reloaded = loaded.run(edge_request()).images[0]
     assert reloaded.tobytes() == built.tobytes()
 
 
-def test_refiner_shares_the_weights(pipeline_service):
-    pipelines = pipeline_service.pipelines
+def test_refiner_shares_the_weights(pipeline_runner):
+    pipelines = pipeline_runner.pipelines
     assert pipelines.refine.unet is pipelines.generate.unet
     assert pipelines.refine.controlnet is pipelines.generate.controlnet
 
 
-def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_service):
+def test_refinement_changes_the_picture_and_zero_strength_skips_it(pipeline_runner):
     progress = []
-    refined = pipeline_service.run(edge_request(refine_strength=0.5), recording(progress))
+    refined = pipeline_runner.run(edge_request(refine_strength=0.5), recording(progress))
     assert progress[-1] == (6, 6)  # 4 generation steps + 2 refinement steps
-    plain = pipeline_service.run(edge_request(refine_strength=0.0)).images[0]
+    plain = pipeline_runner.run(edge_request(refine_strength=0.0)).images[0]
     assert refined.images[0].tobytes() != plain.tobytes()
 
 
-def test_steps_reach_the_pipeline(pipeline_service):
+def test_steps_reach_the_pipeline(pipeline_runner):
     progress = []
-    pipeline_service.run(edge_request(steps=7, refine_strength=0.0), recording(progress))
+    pipeline_runner.run(edge_request(steps=7, refine_strength=0.0), recording(progress))
     assert [done for done, _ in progress] == list(range(8))  # 0 when the run starts, then after each step
 
 
-def test_the_edge_map_steers_the_picture(pipeline_service):
+def test_the_edge_map_steers_the_picture(pipeline_runner):
     edges = edge_request().control_images[0]
     blank = edges.point(lambda _: 0)
-    followed = pipeline_service.run(edge_request()).images[0]
-    unguided = pipeline_service.run(edge_request(control_images=(blank,))).images[0]
+    followed = pipeline_runner.run(edge_request()).images[0]
+    unguided = pipeline_runner.run(edge_request(control_images=(blank,))).images[0]
     assert followed.tobytes() != unguided.tobytes()
 
 
@@ -139,7 +139,7 @@ def test_the_full_size_random_model_has_sd15s_architecture():
 
 
 def test_every_sampler_a_request_may_name_has_a_scheduler():
-    from stable_diffusion.pipeline_service import SCHEDULERS
+    from stable_diffusion.pipeline_runner import SCHEDULERS
     from stable_diffusion.recipe import SAMPLERS
 
     assert SCHEDULERS.keys() == SAMPLERS.keys()

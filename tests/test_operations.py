@@ -21,9 +21,9 @@ from tests.test_jobs import submit, wait_for
 KEY = {"x-api-key": API_KEY}
 
 
-def test_ready_is_503_while_the_model_loads_and_200_after(pipeline_service, settings):
+def test_ready_is_503_while_the_model_loads_and_200_after(pipeline_runner, settings):
     loaded = threading.Event()
-    worker = GenerationWorker(lambda: loaded.wait(30) and pipeline_service, settings.queue_size)
+    worker = GenerationWorker(lambda: loaded.wait(30) and pipeline_runner, settings.queue_size)
     client = create_app(settings, LocalGenerationService(settings, worker)).test_client()
     try:
         loading = client.get("/ready", headers=KEY)

@@ -578,7 +578,7 @@ def full_size_files(tmp_path_factory):
 
 def test_an_sd15_file_loads_offline_with_the_sd15_architecture_and_the_clip_tokenizer(full_size_files, monkeypatch):
     from stable_diffusion.config import ModelConfig
-    from stable_diffusion.pipeline_service import Generator
+    from stable_diffusion.pipeline_runner import PipelineRunner
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, controlnet = full_size_files
@@ -590,4 +590,4 @@ def test_an_sd15_file_loads_offline_with_the_sd15_architecture_and_the_clip_toke
     # CLIP ViT-L/14's own token ids: real prompts mean to the model what they meant in training.
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     request = GenerationRequest("sd15", (Image.new("RGB", (64, 64)),), "a photo of a cat", steps=1)
-    assert Generator(pipelines).run(request).images[0].size == (64, 64)
+    assert PipelineRunner(pipelines).run(request).images[0].size == (64, 64)

@@ -1,6 +1,7 @@
 """The job stores: the Redis one (QUEUE_BACKEND=celery) against a real redis-server, where what /metrics and
 the retention janitor read comes from its indexes, never from a scan over every job kept, and a record this
-service cannot have written is ignored; both stores keep a finished job's record final."""
+service cannot have written is ignored; both stores keep a finished job's record final. And the ledger's
+running average, read back from Redis."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.errors import QueueUnreachable
+from service.distributed.ledger import AVERAGE_SECONDS, Ledger
+from service.errors import QueueUnreachable, TooManyRequests
 from service.jobs.manager import JobManager
 from service.jobs.redis_store import RedisJobStore
 from service.jobs.store import Job, JobStatus, SqliteJobStore
@@ -110,4 +112,20 @@ def test_a_job_refused_as_redis_goes_away_leaves_no_queued_record_once_it_is_bac
         assert store.get("lost") is None
     finally:
         manager.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize("planted", [b"inf", b"nan", b"-5", b"1e400", b"plenty"])
+def test_a_planted_average_generation_time_still_gives_a_429_that_says_how_long(tmp_path, planted):
+    """The ledger's running average lives in Redis, where any GPU host can write: a value no worker could have
+    recorded counts as the first guess (an infinite one made every refusal a 500)."""
+    broker = RedisServer(tmp_path)
+    try:
+        ledger = Ledger(connect(broker.url), queue_size=4, max_per_owner=1, horizon_s=60)
+        broker.client().set(AVERAGE_SECONDS, planted)
+        ledger.reserve("key", "first")
+        with pytest.raises(TooManyRequests) as refused:
+            ledger.reserve("key", "second")
+        assert refused.value.retry_after == 1 and "about 1 s" in refused.value.message
+    finally:
         broker.stop()

@@ -17,7 +17,7 @@ from stable_diffusion.config import ModelConfig
 from stable_diffusion.image_processing import make_canny_edges
 from stable_diffusion.lora_library import LoraLibrary
 from stable_diffusion.pipeline_initialization import build_tiny_pipeline, load_pipelines
-from stable_diffusion.pipeline_service import Generator
+from stable_diffusion.pipeline_runner import PipelineRunner
 from stable_diffusion.recipe import GenerationRequest
 from tests.conftest import API_KEY
 from tests.model_files import write_controlnet_checkpoint, write_sd_checkpoint
@@ -46,7 +46,7 @@ def test_the_demo_lora_command_writes_a_lora_the_tiny_model_paints_with(tmp_path
     demo_lora.main([str(loras)])
     assert "loras=demo:1" in capsys.readouterr().out
 
-    generator = Generator(load_pipelines(ModelConfig("tiny", "tiny", device="cpu", lora_dir=loras)))
+    generator = PipelineRunner(load_pipelines(ModelConfig("tiny", "tiny", device="cpu", lora_dir=loras)))
     # Listed by /models as a LoRA for the tiny model's family.
     assert [lora.name for lora in LoraLibrary(loras).describe(generator.describe()["family"])] == ["demo"]
     edges = make_canny_edges(Image.open(SAMPLE).convert("RGB").resize((64, 48)), 100, 200)
@@ -68,8 +68,8 @@ def model_files(tmp_path_factory):
 
 def test_info_says_random_weights_for_the_built_in_model_only(model_files):
     model, controlnet = model_files
-    built_in = Generator(load_pipelines(ModelConfig("tiny", "tiny", device="cpu")))
-    from_files = Generator(load_pipelines(ModelConfig(str(model), str(controlnet), device="cpu")))
+    built_in = PipelineRunner(load_pipelines(ModelConfig("tiny", "tiny", device="cpu")))
+    from_files = PipelineRunner(load_pipelines(ModelConfig(str(model), str(controlnet), device="cpu")))
 
     assert built_in.describe()["random_weights"] is True
     assert from_files.describe()["random_weights"] is False

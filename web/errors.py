@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from service.errors import ServiceError
+from web.parts import get_settings
 
 # The most of an unread body that is read and thrown away so that the client gets the answer.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
@@ -48,7 +49,7 @@ def init_errors(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error: RequestEntityTooLarge):
-        limit_mb = app.extensions["settings"].max_upload_mb
+        limit_mb = get_settings(app).max_upload_mb
         response = error_json(
             f"The request is too large: uploads are limited to {limit_mb:g} MB (MAX_UPLOAD_MB) "
             "and text fields to 256 KB; send a smaller image."

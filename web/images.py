@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 
-from flask import Blueprint, current_app, g, send_file
+from flask import Blueprint, g, send_file
 
 from web.access import rate_limited
 from web.forms import read_image_form
+from web.parts import get_edge_fields, get_generate_fields, get_service, get_settings
 
 images = Blueprint("images", __name__)
 
@@ -16,9 +17,9 @@ images = Blueprint("images", __name__)
 @rate_limited
 def preprocess():
     """Counts against the key's MAX_QUEUED_PER_KEY while it runs, like a generation."""
-    service = current_app.extensions["service"]
+    service = get_service()
     with service.counted(g.owner):
-        fields, upload = read_image_form(current_app.extensions["edge_fields"], current_app.extensions["settings"])
+        fields, upload = read_image_form(get_edge_fields(), get_settings())
         png = service.edge_map(fields, upload)
     return send_file(io.BytesIO(png), mimetype="image/png", download_name="edges.png")
 
@@ -26,10 +27,10 @@ def preprocess():
 @images.post("/generate")
 @rate_limited
 def generate():
-    settings, service = current_app.extensions["settings"], current_app.extensions["service"]
+    settings, service = get_settings(), get_service()
     # Refused before the costly reading and decoding when the key or the queue has no room.
     service.admit(g.owner)
-    fields, upload = read_image_form(current_app.extensions["generate_fields"], settings)
+    fields, upload = read_image_form(get_generate_fields(), settings)
     submission = service.submit(fields, upload, g.owner, g.request_id)
     g.log_fields.update(image="{}x{}".format(*submission.size), prompt_chars=len(fields.prompt))
     output = submission.wait(settings.generation_timeout_s)

@@ -6,12 +6,13 @@ import base64
 import json
 import uuid
 
-from flask import Blueprint, Response, current_app, g, jsonify, send_file, stream_with_context
+from flask import Blueprint, Response, g, jsonify, send_file, stream_with_context
 from pydantic import Field
 
-from service.jobs import Job, JobEvent, JobManager, JobView, describe
+from service.jobs import Job, JobEvent, JobView, describe
 from web.access import rate_limited
 from web.forms import read_image_form
+from web.parts import get_generate_fields, get_jobs, get_service, get_settings
 
 jobs = Blueprint("jobs", __name__)
 
@@ -24,12 +25,8 @@ class ShownJob(JobView):
     events_url: str = Field(description="GET: the job's Server-Sent Events")
 
 
-def _manager() -> JobManager:
-    return current_app.extensions["jobs"]
-
-
 def _shown(job: Job) -> dict[str, object]:
-    view = describe(job, _manager().queue_position(job.id))
+    view = describe(job, get_jobs().queue_position(job.id))
     shown = ShownJob(
         **dict(view),
         status_url=f"/jobs/{job.id}",
@@ -43,28 +40,28 @@ def _shown(job: Job) -> dict[str, object]:
 @rate_limited
 def submit():
     # Refused before the costly reading and decoding when the key or the queue has no room.
-    current_app.extensions["service"].admit(g.owner)
-    fields, upload = read_image_form(current_app.extensions["generate_fields"], current_app.extensions["settings"])
+    get_service().admit(g.owner)
+    fields, upload = read_image_form(get_generate_fields(), get_settings())
     g.log_fields["job"] = job_id = uuid.uuid4().hex
-    shown = _shown(_manager().submit(g.owner, job_id, fields, upload))
+    shown = _shown(get_jobs().submit(g.owner, job_id, fields, upload))
     return jsonify(shown), 202, {"Location": shown["status_url"]}
 
 
 @jobs.get("/jobs/<job_id>")
 def status(job_id: str):
-    return jsonify(_shown(_manager().get(job_id, g.owner)))
+    return jsonify(_shown(get_jobs().get(job_id, g.owner)))
 
 
 @jobs.delete("/jobs/<job_id>")
 def cancel(job_id: str):
     """200 once canceled; 202 while a running job is on its way to stopping at its next step."""
-    job = _manager().cancel(job_id, g.owner)
+    job = get_jobs().cancel(job_id, g.owner)
     return jsonify(_shown(job)), 200 if job.finished else 202
 
 
 @jobs.get("/jobs/<job_id>/result")
 def result(job_id: str):
-    handle, mimetype, extension = _manager().open_result(job_id, g.owner)
+    handle, mimetype, extension = get_jobs().open_result(job_id, g.owner)
     return send_file(handle, mimetype=mimetype, as_attachment=True, download_name=f"{job_id}{extension}")
 
 
@@ -72,7 +69,7 @@ def result(job_id: str):
 def events(job_id: str):
     """`status` on every status change (the last one ends the stream), `progress` after steps, and
     `preview` with a small PNG of the current step at most once a second."""
-    manager, owner = _manager(), g.owner
+    manager, owner = get_jobs(), g.owner
     manager.get(job_id, owner)  # 404 now, rather than inside the stream
 
     def stream():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +14,7 @@ from service.errors import ModelNotReady
 from service.interface import Description, Generated, ModelEntry, ServiceState
 from service.jobs import JobStore
 from web.access import public
+from web.parts import get_edge_fields, get_generate_fields, get_loras, get_metrics, get_service, get_settings
 
 operations = Blueprint("operations", __name__)
 
@@ -97,7 +98,7 @@ def health():
 
 @operations.get("/ready")
 def ready():
-    service = current_app.extensions["service"]
+    service = get_service()
     state = service.state
     queue = {"queue_depth": service.queue_depth, "queue_size": service.queue_size}
     workers = service.gpu_workers()
@@ -113,26 +114,25 @@ def ready():
 
 @operations.get("/info")
 def info():
-    extensions = current_app.extensions
     schemas = FieldSchemas(
-        generate=extensions["generate_fields"].model_json_schema()["properties"],
-        preprocess=extensions["edge_fields"].model_json_schema()["properties"],
+        generate=get_generate_fields().model_json_schema()["properties"],
+        preprocess=get_edge_fields().model_json_schema()["properties"],
     )
-    limits = Limits.model_validate(extensions["settings"], from_attributes=True)
+    limits = Limits.model_validate(get_settings(), from_attributes=True)
     # Unset (not null): gpu_workers in local mode.
-    info = Info(**extensions["service"].describe().model_dump(exclude_unset=True), fields=schemas, limits=limits)
+    info = Info(**get_service().describe().model_dump(exclude_unset=True), fields=schemas, limits=limits)
     return jsonify(info.model_dump(mode="json", exclude_unset=True))
 
 
 @operations.get("/models")
 def models():
     try:
-        about = current_app.extensions["service"].describe()
+        about = get_service().describe()
     except ModelNotReady:
         about = None
     loras = [
         LoraEntry(name=lora.name, size_bytes=lora.size, sha256=lora.sha256, short_hash=lora.short_hash)
-        for lora in current_app.extensions["loras"].describe(about and about.family)
+        for lora in get_loras().describe(about and about.family)
     ]
     files = about.model_files if about else None
     models = Models(sd_model=files and files.sd_model, controlnet_model=files and files.controlnet_model, loras=loras)
@@ -141,7 +141,7 @@ def models():
 
 @operations.get("/metrics")
 def metrics():
-    registry = current_app.extensions["metrics"].registry
+    registry = get_metrics().registry
     # content_type, not mimetype: CONTENT_TYPE_LATEST already names its charset, and mimetype would add another.
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
@@ -150,7 +150,7 @@ class Metrics:
     """The app's Prometheus metrics, in a registry of its own so that every app counts for itself."""
 
     def __init__(self, app: Flask, jobs: JobStore) -> None:
-        service = app.extensions["service"]
+        service = get_service(app)
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"],

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import swagger_ui_bundle
-from flask import Blueprint, current_app, jsonify, send_from_directory
+from flask import Blueprint, jsonify, send_from_directory
 
 from web.access import public
 from web.errors import error_json
 from web.openapi import build_document
+from web.parts import get_edge_fields, get_generate_fields, get_settings
 
 pages = Blueprint("pages", __name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -57,5 +58,4 @@ def favicon():
 @pages.get("/openapi.json")
 @public
 def openapi():
-    extensions = current_app.extensions
-    return jsonify(build_document(extensions["settings"], extensions["generate_fields"], extensions["edge_fields"]))
+    return jsonify(build_document(get_settings(), get_generate_fields(), get_edge_fields()))

@@ -221,11 +221,7 @@ class GpuRunner:
     def _render(
         self, request: GenerationRequest, upload: DecodedImage, stem: str, result: GenerationResult
     ) -> RenderedOutput:
-        generator = self.worker.generator
-        rendered = render_output(request, result, upload, generator.model_name, generator.model_hash)
-        file_name = f"{stem}.{rendered.extension}"
-        images = len(result.images)
-        return RenderedOutput(rendered.data, rendered.mimetype, file_name, result.seconds, self.name, images)
+        return render_output(request, result, upload, self.worker.runner, stem, self.name)
 
     def _generated(self, generated: Generated) -> None:
         self._images += generated.images
@@ -239,7 +235,7 @@ class GpuRunner:
             state = self.worker.state
             about = None
             if state == ServiceState.READY:
-                about = self.worker.generator.describe()
+                about = self.worker.runner.describe()
             try:
                 self.ledger.beat(self.name, {
                     "name": self.name, "node": self.node, "queue": QUEUE, "state": state, "device": self.device,

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Annotated
 
 import redis
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
-from service.errors import QueueFull, TooManyRequests
+from service.admission import FIRST_GUESS_S, key_share_used, queue_full, running_average
 from service.interface import Description, ServiceState
 from service.redis_connection import PREFIX, reachable
 
 QUEUED = PREFIX + "queued"
 AVERAGE_SECONDS = PREFIX + "average-seconds"
+# A generation's time above this (an hour) is no GPU worker's record.
+MAX_AVERAGE_S = 3600.0
 WORKERS = PREFIX + "gpu-worker:"
 log = logging.getLogger(__name__)
 # A GPU worker that has not renewed its heartbeat for this long counts as gone.
@@ -189,13 +190,18 @@ class Ledger:
         return json.loads(popped[1]) if popped else None
 
     def average_seconds(self) -> float:
+        """A generation's time, as the GPU workers recorded it (a value no worker could have written counts as
+        the first guess)."""
         with reachable():
             value = self.redis.get(AVERAGE_SECONDS)
-        return float(value) if value else 1.0
+        try:
+            average = float(value) if value else FIRST_GUESS_S
+        except ValueError:
+            return FIRST_GUESS_S
+        return average if 0 <= average <= MAX_AVERAGE_S else FIRST_GUESS_S
 
     def record_seconds(self, seconds: float) -> None:
-        average = self.average_seconds()
-        self.redis.set(AVERAGE_SECONDS, 0.8 * average + 0.2 * seconds)
+        self.redis.set(AVERAGE_SECONDS, running_average(self.average_seconds(), seconds))
 
     def beat(self, name: str, about: dict) -> None:
         self.redis.set(WORKERS + name, json.dumps(about), ex=HEARTBEAT_TTL_S)
@@ -216,15 +222,6 @@ class Ledger:
 
     def _refuse(self, refusal: int, count: int) -> None:
         if refusal == 1:
-            wait = max(1, math.ceil(self.average_seconds()))
-            raise TooManyRequests(
-                f"This API key already has {count} requests queued or running, the most one key may have "
-                f"(MAX_QUEUED_PER_KEY); wait for one to finish (about {wait} s).",
-                retry_after=wait,
-            )
+            raise key_share_used(count, self.average_seconds())
         if refusal == 2:
-            wait = max(1, math.ceil(self.average_seconds() * self.queue_size))
-            raise QueueFull(
-                f"The generation queue is full ({self.queue_size} waiting); retry in about {wait} s.",
-                retry_after=wait,
-            )
+            raise queue_full(self.queue_size, self.average_seconds() * self.queue_size)

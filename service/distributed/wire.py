@@ -16,9 +16,10 @@ from typing import Annotated, Literal
 from PIL import Image
 from pydantic import BaseModel, Field, StringConstraints, TypeAdapter, ValidationError
 
+from service.errors import ServiceError
 from service.interface import RenderedOutput
 from service.storage import STEM, STORED_NAME
-from stable_diffusion.errors import ServiceError, first_line
+from stable_diffusion.errors import first_line
 from stable_diffusion.image_processing import DecodedImage, encode_png
 from stable_diffusion.recipe import GenerationRequest
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -16,12 +15,12 @@ from typing import BinaryIO, cast
 
 from pydantic import BaseModel
 
-from service.fields import MAX_SEED
+from service.errors import Conflict, Gone, NotFound, ServiceError
+from service.fields import with_seed
 from service.interface import GenerationService
 from service.jobs.recording import JobRecorder
 from service.jobs.store import Job, JobStatus, JobStore, SharedJobStore
 from service.storage import UntrustedName, stored_file
-from stable_diffusion.errors import Conflict, Gone, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
 # What a result may be served as (a record in a shared store could say text/html).
@@ -62,8 +61,7 @@ class JobManager:
     def submit(self, owner: str, job_id: str, fields: BaseModel, upload: bytes) -> Job:
         """Record the job, then submit it; refused (QueueFull, StorageFull, a bad upload...), it leaves no
         record and no file. The seed is drawn here, so that the record shows it from the start."""
-        if fields.seed is None:
-            fields = fields.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        fields = with_seed(fields)
         job = Job(
             id=job_id, owner=owner, status=JobStatus.QUEUED, step=0, total=0, seed=fields.seed, created_at=time.time()
         )

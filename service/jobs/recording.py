@@ -9,8 +9,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import cast
 
+from service.errors import GenerationCanceled, ServiceError
 from service.jobs.store import JobStatus, JobStore, SharedJobStore
-from stable_diffusion.errors import GenerationCanceled, ServiceError
 from stable_diffusion.image_processing import encode_png, thumbnail
 from stable_diffusion.recipe import GenerationEvent, Started
 

@@ -11,9 +11,10 @@ from dataclasses import fields
 import redis
 from pydantic import TypeAdapter, ValidationError
 
+from service.errors import StorageFull
 from service.jobs.store import FINISHED, Job, JobStatus
 from service.redis_connection import PREFIX, reachable
-from stable_diffusion.errors import StorageFull, first_line
+from stable_diffusion.errors import first_line
 
 log = logging.getLogger(__name__)
 

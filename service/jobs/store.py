@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
-from stable_diffusion.errors import StorageFull
+from service.errors import StorageFull
 
 log = logging.getLogger(__name__)
 

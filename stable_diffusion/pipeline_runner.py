@@ -1,4 +1,4 @@
-"""The generator: runs batches of requests on the loaded pipelines, ControlNet text-to-image then a
+"""The pipeline runner: runs batches of requests on the loaded pipelines, ControlNet text-to-image then a
 low-strength refine, each request with its own controls (per_sample.py)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SCHEDULERS = {
 log = logging.getLogger(__name__)
 
 
-class Generator:
+class PipelineRunner:
     """Owns the pipelines; not thread-safe, so exactly one worker thread calls `run` and `run_batch`."""
 
     def __init__(
