@@ -94,8 +94,8 @@ def cluster(tmp_path_factory):
         web.wait_until_healthy()
         yield broker, workers, web
     finally:
-        for worker in workers:  # all told at once, then waited for
-            worker.signal(signal.SIGTERM)
+        for worker in workers:
+            worker.terminate()
         web.stop()
         for worker in workers:
             worker.stop()
@@ -585,9 +585,8 @@ class Pair:
         return worker
 
     def stop(self) -> None:
-        for worker in self.workers:  # all told at once, then waited for
-            if worker.process.poll() is None:
-                worker.signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.terminate()
         self.web.stop()
         for worker in self.workers:
             worker.stop()

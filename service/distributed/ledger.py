@@ -203,8 +203,8 @@ class Ledger:
     def record_seconds(self, seconds: float) -> None:
         self.redis.set(AVERAGE_SECONDS, running_average(self.average_seconds(), seconds))
 
-    def beat(self, name: str, about: dict) -> None:
-        self.redis.set(WORKERS + name, json.dumps(about), ex=HEARTBEAT_TTL_S)
+    def beat(self, name: str, heartbeat: dict) -> None:
+        self.redis.set(WORKERS + name, json.dumps(heartbeat), ex=HEARTBEAT_TTL_S)
 
     def workers(self) -> list[dict]:
         """The GPU workers whose heartbeat is fresh, as each describes itself (a heartbeat this service cannot
